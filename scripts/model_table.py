@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Generate the README's table of registered SplitNet models: params / GMACs for S=1/2/4 beside the paper's.
+
+    python scripts/model_table.py                  # print the markdown table
+    python scripts/model_table.py --update README.md  # replace the table between the model-table markers
+
+Counts are taken on the meta device (no memory, a few seconds); GMACs are multiply-adds per image at the
+resolution of the pretrained cfg (CIFAR 32 px, ImageNet 224 px), 100 / 1000 classes.
+"""
+import argparse
+import re
+import sys
+
+import torch
+
+import timm
+import timm_splitnet  # noqa: F401
+from timm_splitnet.division import SPLIT_ARCHS
+from timm_splitnet.flops import count_macs, count_params
+from timm_splitnet.paper import PAPER_TABLE
+from timm_splitnet.splitnet import REGISTERED_SPLIT_FACTORS, splitnet_name
+
+START, END = '<!-- model-table:start -->', '<!-- model-table:end -->'
+
+
+def paper_value(arch: str, split_factor: int, img_size: int, num_classes: int):
+    for e in PAPER_TABLE:
+        if (e.arch, e.split_factor, e.img_size, e.num_classes) == (arch, split_factor, img_size, num_classes):
+            return e
+    return None
+
+
+def model_table() -> str:
+    lines = [
+        '| architecture | S | registered name | params (M) | GMACs | paper params (M) | paper GFLOPs |',
+        '|---|---|---|---|---|---|---|',
+    ]
+    for arch, spec in SPLIT_ARCHS.items():
+        for s in REGISTERED_SPLIT_FACTORS:
+            name = splitnet_name(arch, s)
+            with torch.device('meta'):
+                model = timm.create_model(name)
+            size = model.pretrained_cfg['input_size']
+            params = count_params(model) / 1e6
+            gmacs = count_macs(model, size) / 1e9
+            paper = paper_value(arch, s, size[-1], model.num_classes)
+            paper_p = f'{paper.params_m:g}' if paper else '–'
+            paper_f = f'{paper.gflops:g}' if paper else '–'
+            lines.append(
+                f'| {spec.description} ({size[-1]} px) | {s} | `{name}` | {params:.2f} | {gmacs:.2f} | '
+                f'{paper_p} | {paper_f} |')
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--update', metavar='README', help='replace the table between the markers in this file')
+    args = parser.parse_args(argv)
+    table = model_table()
+    if not args.update:
+        print(table)
+        return 0
+    text = open(args.update).read()
+    if START not in text or END not in text:
+        print(f'{args.update} has no {START} ... {END} markers', file=sys.stderr)
+        return 1
+    text = re.sub(re.escape(START) + '.*?' + re.escape(END), lambda _: f'{START}\n{table}\n{END}', text, flags=re.S)
+    with open(args.update, 'w') as f:
+        f.write(text)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

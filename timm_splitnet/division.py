@@ -1,0 +1,240 @@
+""" SplitNet division rules
+
+How one wide network is divided into S narrower members of about the same total parameters and FLOPs
+(paper §3.1 and Appendix A, "SplitNet: Divide and Co-training", https://arxiv.org/abs/2011.14660).
+
+Everything the division depends on lives in this file: the per-family tables and formulas, and `SPLIT_ARCHS`,
+which maps every SplitNet architecture to the timm model of one member and the keyword arguments that divide it.
+`member_kwargs(arch, S)` is the single entry point used by the model factory.
+
+Hacked together by the timm-splitnet authors
+"""
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+__all__ = [
+    'CIFAR_RESNET_STEM_WIDTH', 'IMAGENET_RESNET_STEM_WIDTH', 'EFFICIENTNET_CHANNELS', 'EFFICIENTNET_DIVISOR',
+    'SHAKE_SHAKE_BASE_WIDTH', 'WD_DIVIDE_MODES', 'SplitArch', 'SPLIT_ARCHS', 'wrn_widen_factor', 'resnext_cardinality',
+    'densenet_growth_rate', 'pyramidnet_alpha', 'shakedrop_prob', 'divide_drop_rate', 'divide_weight_decay',
+    'get_split_arch', 'member_kwargs', 'supported_split_factors',
+]
+
+# ResNet / SE-ResNet on CIFAR: width W of the stem and of the first stage (stages are W*[1, 2, 4]), Appendix A.
+CIFAR_RESNET_STEM_WIDTH = {1: 16, 2: 12, 4: 8, 8: 6, 16: 4}
+
+# ImageNet ResNet (groups == 1): deep-stem width W, stages W*[1, 2, 4, 8] (the authors' code; GCD / sqrt(S), rounded).
+IMAGENET_RESNET_STEM_WIDTH = {1: 64, 2: 44, 4: 32, 8: 24}
+
+# EfficientNet [stem, 7 stage outputs, head] before the B-variant width multiplier, Appendix A.
+EFFICIENTNET_CHANNELS = {
+    1: (32, 16, 24, 40, 80, 112, 192, 320, 1280),
+    2: (24, 12, 16, 24, 56, 80, 136, 224, 920),
+    4: (16, 12, 16, 20, 40, 56, 96, 160, 640),
+}
+# channel rounding divisor of the tables above (the divided tables are multiples of 4, not 8)
+EFFICIENTNET_DIVISOR = {1: 8, 2: 4, 4: 4}
+
+# Shake-Shake 26 2x96d: base width b, channels [16, b, 2b, 4b] (stem 16 is not divided), Appendix A.
+SHAKE_SHAKE_BASE_WIDTH = {1: 96, 2: 64, 4: 48, 8: 32, 16: 24}
+
+# WRN-50-k on ImageNet (authors' code): S -> (stem width W, multiplier of the bottleneck base width 64 * k).
+# S=2 divides the widen factor with eq. 11 and keeps the stem; S=4 halves the stem and keeps the widen factor.
+WRN50_STEM_WIDTH = {1: 64, 2: 64, 4: 32}
+
+WD_DIVIDE_MODES = ('none', 'exp', 'linear')
+
+
+def wrn_widen_factor(widen_factor: float, split_factor: int) -> int:
+    """WRN widen factor after division, eq. 11: max(floor(w / sqrt(S) + 0.4), 1)."""
+    return int(max(math.floor(widen_factor / math.sqrt(split_factor) + 0.4), 1))
+
+
+def resnext_cardinality(cardinality: int, split_factor: int) -> int:
+    """ResNeXt cardinality after division, eq. 12: max(floor(d / S), 1)."""
+    return max(cardinality // split_factor, 1)
+
+
+def densenet_growth_rate(growth_rate: int, split_factor: int) -> int:
+    """DenseNet growth rate after division, eq. 13: floor(2k / sqrt(S)) / 2, floored to an integer as in the code."""
+    return max(int(2 * growth_rate / math.sqrt(split_factor)) // 2, 1)
+
+
+def pyramidnet_alpha(alpha: float, split_factor: int) -> float:
+    """PyramidNet widening (add rate) after division, eq. 14: alpha / sqrt(S)."""
+    return alpha / math.sqrt(split_factor)
+
+
+def shakedrop_prob(prob: float, split_factor: int) -> float:
+    """Final ShakeDrop probability after division, eq. 15: p / sqrt(S)."""
+    return prob / math.sqrt(split_factor)
+
+
+def divide_drop_rate(rate: float, split_factor: int) -> float:
+    """Dropout and drop-path rates are divided by sqrt(S) (paper §3.1).
+
+    Note: the authors' ImageNet ResNet code divides its fc dropout by S instead; we follow the paper everywhere.
+    """
+    return rate / math.sqrt(split_factor)
+
+
+def divide_weight_decay(weight_decay: float, split_factor: int, mode: str = 'none') -> float:
+    """Weight decay of each member: 'none', 'exp' (eq. 6: wd * exp(1/S - 1)) or 'linear' (eq. 16: wd / S)."""
+    if split_factor < 1:
+        raise ValueError(f'The split factor S must be >= 1, got {split_factor}.')
+    if mode == 'none':
+        return weight_decay
+    if mode == 'exp':
+        return weight_decay * math.exp(1. / split_factor - 1.)
+    if mode == 'linear':
+        return weight_decay / split_factor
+    raise ValueError(f'Unknown weight-decay division {mode!r}, expected one of {WD_DIVIDE_MODES}.')
+
+
+@dataclass(frozen=True)
+class SplitArch:
+    """One SplitNet architecture: the timm model of a member and how S divides it.
+
+    Attributes:
+        name: Architecture name used in `splitnet_<name>_s<S>`.
+        member: timm model name of one (undivided) member network.
+        divide: Maps S to the member's `timm.create_model` kwargs.
+        split_factors: The S values the rule defines, or None for every S >= 1.
+        dataset: 'cifar' (32x32, 100 classes) or 'imagenet' (224x224, 1000 classes).
+        drop_rate: Classifier dropout of the undivided network (divided by sqrt(S)).
+        first_conv: Module name of the member's first conv, when it differs from the member's pretrained cfg.
+        description: Human readable name.
+    """
+    name: str
+    member: str
+    divide: Callable[[int], Dict[str, Any]]
+    split_factors: Optional[Tuple[int, ...]] = None
+    dataset: str = 'cifar'
+    drop_rate: float = 0.
+    first_conv: Optional[str] = None
+    description: str = ''
+
+
+def _imagenet_resnet(split_factor: int) -> Dict[str, Any]:
+    w = IMAGENET_RESNET_STEM_WIDTH[split_factor]
+    return dict(stem_type='deep', stem_width=w, avg_down=True, channels=(w, 2 * w, 4 * w, 8 * w))
+
+
+def _imagenet_wrn50(widen_factor: int) -> Callable[[int], Dict[str, Any]]:
+    def divide(split_factor: int) -> Dict[str, Any]:
+        w = WRN50_STEM_WIDTH[split_factor]
+        k = wrn_widen_factor(widen_factor, split_factor) if split_factor == 2 else widen_factor
+        return dict(
+            stem_type='deep', stem_width=w, avg_down=True, channels=(w, 2 * w, 4 * w, 8 * w), base_width=64 * k)
+    return divide
+
+
+def _imagenet_resnext(cardinality: int) -> Callable[[int], Dict[str, Any]]:
+    def divide(split_factor: int) -> Dict[str, Any]:
+        return dict(
+            stem_type='deep', stem_width=64, avg_down=True, cardinality=resnext_cardinality(cardinality, split_factor))
+    return divide
+
+
+def _efficientnet(split_factor: int) -> Dict[str, Any]:
+    return dict(
+        stage_channels=EFFICIENTNET_CHANNELS[split_factor], channel_divisor=EFFICIENTNET_DIVISOR[split_factor])
+
+
+def _cifar_resnet(split_factor: int) -> Dict[str, Any]:
+    return dict(stem_width=CIFAR_RESNET_STEM_WIDTH[split_factor])
+
+
+def _cifar_wrn(widen_factor: int) -> Callable[[int], Dict[str, Any]]:
+    def divide(split_factor: int) -> Dict[str, Any]:
+        return dict(widen_factor=wrn_widen_factor(widen_factor, split_factor))
+    return divide
+
+
+def _cifar_resnext(cardinality: int) -> Callable[[int], Dict[str, Any]]:
+    def divide(split_factor: int) -> Dict[str, Any]:
+        return dict(cardinality=resnext_cardinality(cardinality, split_factor))
+    return divide
+
+
+def _cifar_densenet(split_factor: int) -> Dict[str, Any]:
+    return dict(growth_rate=densenet_growth_rate(40, split_factor))
+
+
+def _cifar_pyramidnet(split_factor: int) -> Dict[str, Any]:
+    return dict(alpha=pyramidnet_alpha(200., split_factor), shakedrop_prob=shakedrop_prob(0.5, split_factor))
+
+
+def _cifar_shake_shake(split_factor: int) -> Dict[str, Any]:
+    return dict(base_width=SHAKE_SHAKE_BASE_WIDTH[split_factor])
+
+
+_RESNET_S = tuple(sorted(IMAGENET_RESNET_STEM_WIDTH))
+_CIFAR_RESNET_S = tuple(sorted(CIFAR_RESNET_STEM_WIDTH))
+_EFFNET_S = tuple(sorted(EFFICIENTNET_CHANNELS))
+
+SPLIT_ARCHS: Dict[str, SplitArch] = {a.name: a for a in (
+    # ImageNet, members built from timm's ResNet with the paper's tweaks (deep 3x3 stem, avg-pool downsample,
+    # zero-init last BN) and timm's EfficientNet with the Appendix A channel tables.
+    SplitArch('resnet50', 'resnet50', _imagenet_resnet, _RESNET_S, 'imagenet', 0., 'conv1.0', 'ResNet-50'),
+    SplitArch('resnet101', 'resnet101', _imagenet_resnet, _RESNET_S, 'imagenet', 0.1, 'conv1.0', 'ResNet-101'),
+    SplitArch('wrn50_2', 'wide_resnet50_2', _imagenet_wrn50(2), (1, 2, 4), 'imagenet', 0., 'conv1.0', 'WRN-50-2'),
+    SplitArch('wrn50_3', 'wide_resnet50_2', _imagenet_wrn50(3), (1, 2, 4), 'imagenet', 0., 'conv1.0', 'WRN-50-3'),
+    SplitArch(
+        'resnext101_64x4d', 'resnext101_64x4d', _imagenet_resnext(64), None, 'imagenet', 0., 'conv1.0',
+        'ResNeXt-101 64x4d'),
+    SplitArch(
+        'seresnext101_64x4d', 'seresnext101_64x4d', _imagenet_resnext(64), None, 'imagenet', 0.2, 'conv1.0',
+        'SE-ResNeXt-101 64x4d'),
+    SplitArch(
+        'efficientnet_b7', 'efficientnet_b7_splitnet', _efficientnet, _EFFNET_S, 'imagenet', 0.5, None,
+        'EfficientNet-B7'),
+    # CIFAR, members are this package's timm-style CIFAR models (timm_splitnet.models)
+    SplitArch('resnet110', 'resnet110_cifar', _cifar_resnet, _CIFAR_RESNET_S, description='ResNet-110'),
+    SplitArch('resnet164', 'resnet164_cifar', _cifar_resnet, _CIFAR_RESNET_S, description='ResNet-164'),
+    SplitArch('seresnet110', 'seresnet110_cifar', _cifar_resnet, _CIFAR_RESNET_S, description='SE-ResNet-110'),
+    SplitArch('seresnet164', 'seresnet164_cifar', _cifar_resnet, _CIFAR_RESNET_S, description='SE-ResNet-164'),
+    SplitArch('wrn16_8', 'wrn16_8_cifar', _cifar_wrn(8), description='WRN-16-8'),
+    SplitArch('wrn28_10', 'wrn28_10_cifar', _cifar_wrn(10), description='WRN-28-10'),
+    SplitArch('wrn40_10', 'wrn40_10_cifar', _cifar_wrn(10), drop_rate=0.1, description='WRN-40-10'),
+    SplitArch('resnext29_8x64d', 'resnext29_8x64d_cifar', _cifar_resnext(8), description='ResNeXt-29 8x64d'),
+    SplitArch('densenet_bc190', 'densenet_bc190_cifar', _cifar_densenet, description='DenseNet-BC-190 (k=40)'),
+    SplitArch('pyramidnet272', 'pyramidnet272_cifar', _cifar_pyramidnet, description='PyramidNet-272 + ShakeDrop'),
+    SplitArch(
+        'shake_shake26_2x96d', 'shake_shake26_2x96d_cifar', _cifar_shake_shake, tuple(sorted(SHAKE_SHAKE_BASE_WIDTH)),
+        description='Shake-Shake 26 2x96d'),
+    SplitArch(
+        'efficientnet_b0_cifar', 'efficientnet_b0_cifar', _efficientnet, _EFFNET_S, drop_rate=0.2,
+        description='EfficientNet-B0 (CIFAR strides)'),
+    SplitArch(
+        'efficientnet_b3_cifar', 'efficientnet_b3_cifar', _efficientnet, _EFFNET_S, drop_rate=0.3,
+        description='EfficientNet-B3 (CIFAR strides)'),
+)}
+
+
+def get_split_arch(arch: str) -> SplitArch:
+    """The `SplitArch` of `arch`, with a clear error for unknown names."""
+    if arch not in SPLIT_ARCHS:
+        raise ValueError(f'Unknown SplitNet architecture {arch!r}; known: {", ".join(sorted(SPLIT_ARCHS))}.')
+    return SPLIT_ARCHS[arch]
+
+
+def supported_split_factors(arch: str) -> Optional[Tuple[int, ...]]:
+    """The S values the division rule of `arch` defines (None: every S >= 1)."""
+    return get_split_arch(arch).split_factors
+
+
+def member_kwargs(arch: str, split_factor: int) -> Dict[str, Any]:
+    """The `timm.create_model` kwargs of one member of `arch` divided by `split_factor`.
+
+    Raises:
+        ValueError: The architecture is unknown or its rule does not define `split_factor`.
+    """
+    spec = get_split_arch(arch)
+    if not isinstance(split_factor, int) or split_factor < 1:
+        raise ValueError(f'{arch}: the split factor S must be a positive integer, got {split_factor!r}.')
+    if spec.split_factors is not None and split_factor not in spec.split_factors:
+        raise ValueError(
+            f'{arch}: its division rule does not define S={split_factor}; '
+            f'supported S: {", ".join(str(s) for s in spec.split_factors)}.')
+    return spec.divide(split_factor)

@@ -1,0 +1,366 @@
+""" SplitNet: S width-divided member networks in one timm classifier
+
+Paper: "SplitNet: Divide and Co-training" (Zhao et al.), https://arxiv.org/abs/2011.14660
+
+`SplitNet` wraps S members built by `timm.create_model` with the divided kwargs of `timm_splitnet.division`.
+In train mode it returns the member logits [S, B, C] (each member sees its own view of the batch when the input has
+S * in_chans channels); in eval mode it returns the ensemble [B, C], by default the mean of the logits (eq. 10).
+
+Importing this module registers `splitnet_<arch>_s<S>` for S in (1, 2, 4) in timm's model registry;
+`create_splitnet(arch, S)` builds any other S that the architecture's division rule defines.
+
+Hacked together by the timm-splitnet authors
+"""
+import os
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Set
+
+import torch
+import torch.nn as nn
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .division import SPLIT_ARCHS, divide_drop_rate, get_split_arch, member_kwargs
+
+__all__ = ['SplitNet', 'create_splitnet', 'splitnet_name', 'ENSEMBLE_MODES', 'REGISTERED_SPLIT_FACTORS']
+
+ENSEMBLE_MODES = ('mean', 'max')
+REGISTERED_SPLIT_FACTORS = (1, 2, 4)
+
+
+class SplitNet(nn.Module):
+    """S independently initialised member networks trained together and ensembled at inference.
+
+    The state dict holds the members as `models.{i}.<member keys>`, whatever the execution backend.
+    """
+
+    def __init__(
+            self,
+            member_name: str,
+            split_factor: int,
+            member_kwargs: Optional[Dict[str, Any]] = None,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            ensemble: str = 'mean',
+            ensemble_softmax: bool = False,
+            split_backend: str = 'loop',
+            **kwargs,
+    ):
+        """
+        Args:
+            member_name: timm model name of one member.
+            split_factor: Number of members S.
+            member_kwargs: Divided kwargs of every member (`timm_splitnet.division.member_kwargs`).
+            num_classes: Number of classes of every member.
+            in_chans: Input channels of one view.
+            global_pool: Global pool type of every member.
+            drop_rate: Classifier dropout of the undivided network, divided by sqrt(S) for each member.
+            drop_path_rate: Stochastic depth of the undivided network, divided by sqrt(S) for each member.
+            ensemble: How eval mode combines the members: 'mean' (default, eq. 10) or 'max'.
+            ensemble_softmax: Combine softmax probabilities instead of logits (Table 9).
+            split_backend: Execution backend of the members (see `set_split_backend`).
+            **kwargs: Passed to every member's `timm.create_model` (e.g. bn_momentum).
+        """
+        super().__init__()
+        if not isinstance(split_factor, int) or split_factor < 1:
+            raise ValueError(f'SplitNet: split_factor must be a positive integer, got {split_factor!r}.')
+        self.member_name = member_name
+        self.split_factor = split_factor
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.grad_checkpointing = False
+        member_args = dict(member_kwargs or {}, **kwargs)
+        member_args['drop_rate'] = divide_drop_rate(drop_rate, split_factor)
+        if drop_path_rate:
+            member_args['drop_path_rate'] = divide_drop_rate(drop_path_rate, split_factor)
+        # every create_model call draws its own random init: the members are initialised independently
+        self.models = nn.ModuleList([
+            timm.create_model(member_name, num_classes=num_classes, in_chans=in_chans, global_pool=global_pool,
+                              **member_args)
+            for _ in range(split_factor)
+        ])
+        member = self.models[0]
+        self.num_features = split_factor * member.num_features
+        self.head_hidden_size = split_factor * getattr(member, 'head_hidden_size', member.num_features)
+        self.ensemble = ensemble
+        self.ensemble_softmax = ensemble_softmax
+        self.set_ensemble(ensemble, ensemble_softmax)
+        self.split_backend = 'loop'
+        self.set_split_backend(split_backend)
+
+    # ----- configuration -----
+
+    def set_ensemble(self, ensemble: str = 'mean', ensemble_softmax: bool = False) -> None:
+        """Select how eval mode combines the members (Table 9): mean or max, of logits or of probabilities."""
+        if ensemble not in ENSEMBLE_MODES:
+            raise ValueError(f'SplitNet: unknown ensemble {ensemble!r}, expected one of {ENSEMBLE_MODES}.')
+        self.ensemble = ensemble
+        self.ensemble_softmax = bool(ensemble_softmax)
+
+    def set_split_backend(self, name: str = 'loop') -> None:
+        """Select how the members are executed; every backend gives the same outputs and gradients."""
+        from .backends import resolve_backend
+        self.split_backend = resolve_backend(self, name)
+
+    # ----- timm model API -----
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """The member's matcher applied to every member: layer i of all members share one layer-decay group."""
+        def prefix(pattern: str) -> str:
+            return r'^models\.\d+\.(?:' + pattern.lstrip('^') + ')'
+
+        matcher = {}
+        for group, spec in self.models[0].group_matcher(coarse=coarse).items():
+            if isinstance(spec, str):
+                matcher[group] = prefix(spec)
+            else:
+                matcher[group] = [(prefix(pattern), ordinal) for pattern, ordinal in spec]
+        return matcher
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for m in self.models:
+            m.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> Set[str]:
+        names = set()
+        for i, m in enumerate(self.models):
+            if hasattr(m, 'no_weight_decay'):
+                names.update(f'models.{i}.{n}' for n in m.no_weight_decay())
+        return names
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.ModuleList:
+        return nn.ModuleList([m.get_classifier() for m in self.models])
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        for m in self.models:
+            if global_pool is None:
+                m.reset_classifier(num_classes)
+            else:
+                m.reset_classifier(num_classes, global_pool)
+
+    # ----- forward -----
+
+    def split_views(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The input of every member: the same image [B, C, H, W], or view i of [B, S*C, H, W]."""
+        channels = x.shape[1] if x.ndim == 4 else None
+        if channels == self.in_chans:
+            return [x] * self.split_factor
+        if channels == self.in_chans * self.split_factor:
+            return list(x.chunk(self.split_factor, dim=1))
+        raise ValueError(
+            f'SplitNet({self.member_name} x {self.split_factor}): expected an input [B, {self.in_chans}, H, W] '
+            f'(every member sees the same image) or [B, {self.split_factor * self.in_chans}, H, W] '
+            f'(member i sees its own view), got {list(x.shape)}.')
+
+    def forward_members(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every member, [S, B, num_classes], in train and eval mode alike."""
+        return self.split_backend.forward_members(self, self.split_views(x))
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """Ensemble member outputs [S, B, C] into [B, C] the configured way (eq. 10 by default)."""
+        if self.ensemble_softmax:
+            logits = logits.float().softmax(dim=-1)
+        return logits.mean(0) if self.ensemble == 'mean' else logits.amax(0)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled features of the members concatenated along channels, [B, S * member.num_features, h, w]."""
+        return torch.cat([m.forward_features(v) for m, v in zip(self.models, self.split_views(x))], dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Each member's head on its channel slice of `forward_features`; pre-logits are concatenated."""
+        outs = [m.forward_head(f, pre_logits=pre_logits) for m, f in zip(self.models, x.chunk(self.split_factor, 1))]
+        return self._finish(outs, pre_logits)
+
+    def _finish(self, outs: Iterable[torch.Tensor], pre_logits: bool = False) -> torch.Tensor:
+        outs = list(outs)
+        if pre_logits or self.num_classes == 0:
+            return torch.cat(outs, dim=1)
+        logits = torch.stack(outs)
+        return logits if self.training else self.combine(logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Train mode: member logits [S, B, C]. Eval mode: the ensemble [B, C]. Without classifier: features."""
+        return self._finish(self.forward_members(x).unbind(0))
+
+    # ----- weights -----
+
+    def describe(self) -> str:
+        """`name (S=.., N classes)` for messages."""
+        name = getattr(self, 'pretrained_cfg', {}).get('architecture') or f'SplitNet({self.member_name})'
+        return f'{name} (S={self.split_factor}, {self.num_classes} classes)'
+
+    def check_state_dict(self, state_dict: Dict[str, torch.Tensor], strict: bool = True, source: str = '') -> None:
+        """Raise a ValueError naming both sides when `state_dict` is not a state dict of this SplitNet.
+
+        With `strict=False` only the classifier may be missing (timm drops it to adapt the head).
+        """
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        mismatched = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+        if not strict:
+            heads = {f'models.{i}.{n}' for i, m in enumerate(self.models) for n, _ in _classifier_params(m)}
+            missing = [k for k in missing if k not in heads]
+            unexpected = []
+        if not (missing or unexpected or mismatched):
+            return
+        members = sorted({int(k.split('.')[1]) for k in state_dict if k.startswith('models.') and
+                          k.split('.')[1].isdigit()})
+        found = f'{len(members)} member(s)' if members else 'no SplitNet members (keys like ' + \
+            ', '.join(repr(k) for k in list(state_dict)[:2]) + ')'
+        head_name = next((n for n, _ in _classifier_params(self.models[0]) if n.endswith('weight')), None)
+        head_key = f'models.0.{head_name}' if head_name else None
+        if head_key in state_dict:
+            found += f', {state_dict[head_key].shape[0]} classes'
+        lines = [f'Weights{" from " + source if source else ""} do not fit {self.describe()}: they hold {found}.']
+        if mismatched:
+            k = mismatched[0]
+            lines.append(f'{len(mismatched)} shape mismatch(es), e.g. {k}: weights {list(state_dict[k].shape)} '
+                         f'vs model {list(own[k].shape)}.')
+        if missing:
+            lines.append(f'{len(missing)} key(s) missing from the weights, e.g. {missing[0]}.')
+        if unexpected:
+            lines.append(f'{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}.')
+        raise ValueError(' '.join(lines))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict`, but a state dict of another (arch, S, num_classes) raises a clear error."""
+        self.check_state_dict(state_dict, strict=strict)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def _classifier_params(member: nn.Module) -> List[tuple]:
+    classifier = member.get_classifier()
+    names = {id(p): n for n, p in member.named_parameters()}
+    return [(names[id(p)], p) for p in classifier.parameters() if id(p) in names]
+
+
+# ----- factory -----
+
+def splitnet_name(arch: str, split_factor: int) -> str:
+    """Registry name of `arch` divided into `split_factor` members."""
+    return f'splitnet_{arch}_s{split_factor}'
+
+
+def _splitnet_cfg(arch: str, split_factor: int) -> Dict[str, Any]:
+    spec = get_split_arch(arch)
+    member_cfg = timm.models.get_pretrained_cfg(spec.member)
+    if member_cfg is None:
+        raise RuntimeError(f'{arch}: its member model {spec.member!r} is not registered in timm.')
+    first_conv = spec.first_conv or member_cfg.first_conv
+    classifier = member_cfg.classifier
+    cfg = dict(
+        url='',
+        num_classes=member_cfg.num_classes,
+        input_size=member_cfg.input_size,
+        pool_size=member_cfg.pool_size,
+        crop_pct=member_cfg.crop_pct,
+        interpolation=member_cfg.interpolation,
+        mean=member_cfg.mean,
+        std=member_cfg.std,
+        first_conv=tuple(f'models.{i}.{first_conv}' for i in range(split_factor)),
+        classifier=tuple(f'models.{i}.{classifier}' for i in range(split_factor)),
+        paper_ids='arXiv:2011.14660',
+        paper_name='SplitNet: Divide and Co-training',
+        description=f'{spec.description} divided into {split_factor} co-trained member(s)',
+        license='apache-2.0',
+    )
+    if spec.dataset == 'imagenet':
+        # the paper's ImageNet evaluation: resize to 1.15x the crop (bicubic), center crop
+        cfg.update(
+            num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=round(1 / 1.15, 4),
+            interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    return cfg
+
+
+def _safetensors_metadata(path: str) -> Dict[str, str]:
+    if not (isinstance(path, str) and path.endswith('.safetensors') and os.path.isfile(path)):
+        return {}
+    from safetensors import safe_open
+    with safe_open(path, framework='pt') as f:
+        return dict(f.metadata() or {})
+
+
+def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kwargs) -> SplitNet:
+    """Build `arch` divided into `split_factor` members (any S its division rule defines).
+
+    Args:
+        arch: Architecture name, e.g. 'wrn28_10' (see `timm_splitnet.division.SPLIT_ARCHS`).
+        split_factor: Number of members S.
+        pretrained: Load weights from the pretrained cfg, e.g. `pretrained_cfg_overlay=dict(file='x.safetensors')`.
+        **kwargs: `SplitNet` / `timm.create_model` kwargs (num_classes, in_chans, drop_rate, drop_path_rate, ...).
+    """
+    spec = get_split_arch(arch)
+    divided = member_kwargs(arch, split_factor)
+    variant = splitnet_name(arch, split_factor)
+    kwargs.pop('pretrained_model_args', None)  # timm >= 1.0.31 hub/local-dir loading
+    pretrained_cfg = kwargs.pop('pretrained_cfg', None)
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if pretrained_cfg is None and variant not in timm.list_models(variant):
+        pretrained_cfg = _splitnet_cfg(arch, split_factor)
+        pretrained_cfg['architecture'] = variant
+    meta = _safetensors_metadata(overlay.get('file', '')) if pretrained else {}
+    if meta.get('architecture') and meta['architecture'] != variant:
+        raise ValueError(
+            f'{overlay["file"]} holds weights of {meta["architecture"]} (S={meta.get("split_factor", "?")}, '
+            f'{meta.get("num_classes", "?")} classes), not of {variant}.')
+    if meta.get('num_classes'):
+        # exported weights know their head: build it unless the caller asks for another head (then timm adapts it)
+        overlay.setdefault('num_classes', int(meta['num_classes']))
+        kwargs.setdefault('num_classes', int(meta['num_classes']))
+    kwargs.setdefault('drop_rate', spec.drop_rate)
+    return build_model_with_cfg(
+        SplitNet,
+        variant,
+        pretrained,
+        pretrained_cfg=pretrained_cfg,
+        pretrained_cfg_overlay=overlay or None,
+        member_name=spec.member,
+        split_factor=split_factor,
+        member_kwargs=divided,
+        **kwargs,
+    )
+
+
+def _make_entrypoint(arch: str, split_factor: int):
+    def entrypoint(pretrained: bool = False, **kwargs) -> SplitNet:
+        return create_splitnet(arch, split_factor, pretrained=pretrained, **kwargs)
+
+    name = splitnet_name(arch, split_factor)
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f'SplitNet {SPLIT_ARCHS[arch].description} divided into S={split_factor} co-trained members.'
+    return entrypoint
+
+
+def _register_entrypoints() -> None:
+    module = sys.modules[__name__]
+    for arch in SPLIT_ARCHS:
+        for split_factor in REGISTERED_SPLIT_FACTORS:
+            entrypoint = _make_entrypoint(arch, split_factor)
+            setattr(module, entrypoint.__name__, entrypoint)
+            register_model(entrypoint)
+
+
+def _default_cfgs() -> Dict[str, Any]:
+    return generate_default_cfgs({
+        splitnet_name(arch, s): _splitnet_cfg(arch, s) for arch in SPLIT_ARCHS for s in REGISTERED_SPLIT_FACTORS})
+
+
+# timm looks `default_cfgs` up on the module when an entrypoint is registered; the member models must be
+# registered first because the SplitNet cfgs derive from the members' cfgs.
+from . import models as _models  # noqa: E402,F401
+
+default_cfgs = _default_cfgs()
+_register_entrypoints()
