@@ -1,0 +1,189 @@
+""" Multi-view data for SplitNet co-training
+
+Each of the S members of a SplitNet trains on its own, independently augmented view of every image (paper §3.3).
+:class:`MultiViewDataset` produces the views; timm's ``fast_collate`` (prefetcher) or :func:`collate_views` (no
+prefetcher) stack them split-major into one ``[S * B, C, H, W]`` batch, row ``i + s * B`` being view s of sample i,
+so ``torch.split(x, B)`` / ``x.view(S, B, C, H, W)`` gives the members' inputs. Mixup / CutMix must treat all views
+of a sample alike (one lambda, one partner, one box): :func:`mixup_views` applies a timm ``Mixup`` once to the
+channel-concatenated ``[B, S * C, H, W]`` layout, as the reference implementation does.
+"""
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+import torch.utils.data
+from torch.utils.data import default_collate
+
+from timm.data.mixup import mixup_target
+
+__all__ = [
+    'MultiViewDataset', 'collate_views', 'views_to_channels', 'channels_to_views', 'mixup_views',
+    'mixup_split_batch',
+]
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    """Dataset wrapper returning ``num_views`` independently augmented views of each sample.
+
+    Modeled on timm's ``AugMixDataset``, but every view runs the *full* transform (crop, flip, auto-augment,
+    normalization, erasing) with its own random draws, and no view is left "clean". The wrapped dataset must
+    return ``(image, target)`` with an untransformed image (e.g. a PIL image): the ``transform`` setter, which
+    ``timm.data.create_loader`` calls with its single composed transform (keep ``num_aug_splits=0``), stores the
+    transform here and sets the wrapped dataset's transform to None. Setting ``transform`` again later (e.g. a
+    CIFAR transform replacing the one ``create_loader`` built, before iterating the loader) works the same way.
+
+    Samples are ``(tuple_of_views, target)``, which timm's ``fast_collate`` flattens split-major into
+    ``[S * B, C, H, W]`` with targets repeated to ``[S * B]``; use :func:`collate_views` without the prefetcher.
+    Map-style datasets only (iterable readers apply their transform inside the reader loop).
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset, num_views: int = 2, same_view: bool = False):
+        """
+        Args:
+            dataset: Map-style dataset returning (image, target).
+            num_views: Number of views S (one per member); 1 is allowed and yields 1-tuples.
+            same_view: Run the transform once and repeat the view S times (ablation of different views, Table 5).
+        """
+        if num_views < 1:
+            raise ValueError(f'num_views must be >= 1, got {num_views}.')
+        self.dataset = dataset
+        self.num_views = num_views
+        self.same_view = same_view
+        self._transform = None
+        if getattr(dataset, 'transform', None) is not None:
+            self.transform = dataset.transform
+
+    @property
+    def transform(self) -> Optional[Callable]:
+        return self._transform
+
+    @transform.setter
+    def transform(self, transform: Optional[Callable]):
+        if isinstance(transform, (tuple, list)):
+            raise TypeError(
+                'MultiViewDataset takes one full transform; got a tuple of split transforms '
+                '(create_loader(num_aug_splits>0) is for AugMixDataset, keep num_aug_splits=0).')
+        self._transform = transform
+        self.dataset.transform = None  # the wrapped dataset returns the raw image, every view is transformed here
+
+    def __getitem__(self, index: int) -> Tuple[Tuple[Any, ...], Any]:
+        img, target = self.dataset[index][:2]
+        if self._transform is None:
+            views = (img,) * self.num_views
+        elif self.same_view:
+            views = (self._transform(img),) * self.num_views
+        else:
+            views = tuple(self._transform(img) for _ in range(self.num_views))
+        return views, target
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __repr__(self) -> str:
+        return (
+            f'{self.__class__.__name__}(num_views={self.num_views}, same_view={self.same_view}, '
+            f'dataset={self.dataset!r})')
+
+
+def collate_views(batch: List[Tuple[Any, Any]]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Collate function for :class:`MultiViewDataset` without timm's prefetcher.
+
+    Gives the same layout as ``timm.data.fast_collate`` (but keeps the transform's dtype, e.g. normalized float):
+    images ``[S * B, C, H, W]`` split-major (row ``i + s * B`` is view s of sample i) and targets repeated S times
+    (``[S * B]``, or ``[S * B, ...]`` for dense targets). Samples whose image is not a tuple of views are collated
+    by ``default_collate``. Pass as ``create_loader(..., use_prefetcher=False, collate_fn=collate_views)``.
+    """
+    if not isinstance(batch[0][0], (tuple, list)):
+        return default_collate(batch)
+    num_views = len(batch[0][0])
+    if any(len(sample[0]) != num_views for sample in batch):
+        raise ValueError('All samples in a batch must have the same number of views.')
+    images = torch.stack([torch.as_tensor(sample[0][s]) for s in range(num_views) for sample in batch])
+    targets = default_collate([sample[1] for sample in batch])
+    if targets.ndim == 1:
+        targets = targets.long()
+    targets = targets.repeat((num_views,) + (1,) * (targets.ndim - 1))
+    return images, targets
+
+
+def views_to_channels(x: torch.Tensor, num_views: int) -> torch.Tensor:
+    """Split-major ``[S * B, C, H, W]`` batch to the channel-concatenated ``[B, S * C, H, W]`` layout.
+
+    Member (view) s occupies channels ``s * C .. (s + 1) * C - 1``, as in the reference implementation.
+    """
+    total, channels, height, width = x.shape
+    if total % num_views:
+        raise ValueError(f'Batch of {total} rows is not divisible into {num_views} views.')
+    batch_size = total // num_views
+    return x.reshape(num_views, batch_size, channels, height, width).transpose(0, 1).reshape(
+        batch_size, num_views * channels, height, width)
+
+
+def channels_to_views(x: torch.Tensor, num_views: int) -> torch.Tensor:
+    """Inverse of :func:`views_to_channels`: ``[B, S * C, H, W]`` to split-major ``[S * B, C, H, W]``."""
+    batch_size, total_channels, height, width = x.shape
+    if total_channels % num_views:
+        raise ValueError(f'{total_channels} channels are not divisible into {num_views} views.')
+    channels = total_channels // num_views
+    return x.reshape(batch_size, num_views, channels, height, width).transpose(0, 1).reshape(
+        num_views * batch_size, channels, height, width)
+
+
+def mixup_views(mixup_fn: Callable, x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Apply a timm ``Mixup`` once to a channel-concatenated multi-view batch.
+
+    Because every view of a sample sits in the channels of one row, each view gets the same lambda, the same
+    partner (timm mixes row i with row B - 1 - i) and the same CutMix box, in all of timm's modes ('batch', 'pair',
+    'elem'). Mixing the views separately would give each member a different target and break the co-training
+    loss, which compares the members' predictions for the same (mixed) input.
+
+    timm's ``Mixup`` asserts an even batch size (its 'pair' mode pairs rows i and B - 1 - i). Training loaders use
+    ``drop_last=True``, so this only matters for an odd ``--batch-size`` (per process): then the first B - 1 rows
+    are mixed and the last row is left unmixed, with its one-hot (label-smoothed) target.
+
+    Args:
+        mixup_fn: A ``timm.data.Mixup`` (not ``FastCollateMixup``, which cannot take multi-view samples).
+        x: Batch ``[B, S * C, H, W]`` (see :func:`views_to_channels`); mixed in place, as timm does.
+        target: Class indices ``[B]``.
+
+    Returns:
+        The mixed batch ``[B, S * C, H, W]`` and soft targets ``[B, num_classes]``.
+    """
+    if target.ndim != 1 or target.shape[0] != x.shape[0]:
+        raise ValueError(
+            f'mixup_views expects class indices of shape [{x.shape[0]}], got {tuple(target.shape)}; '
+            'with repeated (split-major) targets pass target[:B].')
+    batch_size = x.shape[0]
+    if batch_size % 2 == 0:
+        return mixup_fn(x, target)
+    mixed = x[:-1]  # a view: timm mixes in place, so x is updated too
+    if batch_size > 1:
+        mixed, mixed_target = mixup_fn(mixed, target[:-1])
+    else:
+        mixed_target = target.new_zeros((0, mixup_fn.num_classes), dtype=torch.float32)
+    x[:-1] = mixed
+    last_target = mixup_target(
+        target[-1:], mixup_fn.num_classes, lam=1., smoothing=mixup_fn.label_smoothing).to(mixed_target.dtype)
+    return x, torch.cat([mixed_target, last_target])
+
+
+def mixup_split_batch(
+        mixup_fn: Callable,
+        x: torch.Tensor,
+        target: torch.Tensor,
+        num_views: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`mixup_views` for a split-major batch as it comes from the loader.
+
+    Args:
+        mixup_fn: A ``timm.data.Mixup``.
+        x: Split-major batch ``[S * B, C, H, W]``.
+        target: Class indices ``[S * B]`` (repeated per view, as collated) or ``[B]``.
+        num_views: Number of views S.
+
+    Returns:
+        Mixed split-major batch ``[S * B, C, H, W]`` and soft targets ``[B, num_classes]`` (one per sample, shared by
+        all members).
+    """
+    batch_size = x.shape[0] // num_views
+    mixed, soft_target = mixup_views(mixup_fn, views_to_channels(x, num_views), target[:batch_size])
+    return channels_to_views(mixed, num_views), soft_target
