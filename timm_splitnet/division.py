@@ -151,7 +151,7 @@ def _cifar_wrn(widen_factor: int) -> Callable[[int], Dict[str, Any]]:
     return divide
 
 
-def _cifar_resnext(cardinality: int) -> Callable[[int], Dict[str, Any]]:
+def _resnext(cardinality: int) -> Callable[[int], Dict[str, Any]]:
     def divide(split_factor: int) -> Dict[str, Any]:
         return dict(cardinality=resnext_cardinality(cardinality, split_factor))
     return divide
@@ -184,8 +184,8 @@ SPLIT_ARCHS: Dict[str, SplitArch] = {a.name: a for a in (
         'resnext101_64x4d', 'resnext101_64x4d', _imagenet_resnext(64), None, 'imagenet', 0., 'conv1.0',
         'ResNeXt-101 64x4d'),
     SplitArch(
-        'seresnext101_64x4d', 'seresnext101_64x4d', _imagenet_resnext(64), None, 'imagenet', 0.2, 'conv1.0',
-        'SE-ResNeXt-101 64x4d'),
+        'seresnext101_64x4d', 'seresnext101_64x4d_splitnet', _resnext(64), None, 'imagenet', 0.2, 'conv1.0',
+        'SE-ResNeXt-101 64x4d (64-64-64 stem)'),
     SplitArch(
         'efficientnet_b7', 'efficientnet_b7_splitnet', _efficientnet, _EFFNET_S, 'imagenet', 0.5, None,
         'EfficientNet-B7'),
@@ -197,7 +197,7 @@ SPLIT_ARCHS: Dict[str, SplitArch] = {a.name: a for a in (
     SplitArch('wrn16_8', 'wrn16_8_cifar', _cifar_wrn(8), description='WRN-16-8'),
     SplitArch('wrn28_10', 'wrn28_10_cifar', _cifar_wrn(10), description='WRN-28-10'),
     SplitArch('wrn40_10', 'wrn40_10_cifar', _cifar_wrn(10), drop_rate=0.1, description='WRN-40-10'),
-    SplitArch('resnext29_8x64d', 'resnext29_8x64d_cifar', _cifar_resnext(8), description='ResNeXt-29 8x64d'),
+    SplitArch('resnext29_8x64d', 'resnext29_8x64d_cifar', _resnext(8), description='ResNeXt-29 8x64d'),
     SplitArch('densenet_bc190', 'densenet_bc190_cifar', _cifar_densenet, description='DenseNet-BC-190 (k=40)'),
     SplitArch('pyramidnet272', 'pyramidnet272_cifar', _cifar_pyramidnet, description='PyramidNet-272 + ShakeDrop'),
     SplitArch(
