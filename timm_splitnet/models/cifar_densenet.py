@@ -1,0 +1,229 @@
+""" CIFAR DenseNet-BC
+
+DenseNet-BC for 32x32 inputs as used in the SplitNet CIFAR experiments: a 3x3 stride-1 stem conv with 2k channels
+followed by BN-ReLU, three dense blocks of bottleneck layers (BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k)) separated by
+compressing transitions (BN-ReLU-conv1x1-AvgPool2d(2)), a final BN-ReLU, global pooling and the classifier.
+The dense layers and transitions are timm's (`timm.models.densenet`). SplitNet divides the growth rate k
+(40 / 28 / 20 for S = 1 / 2 / 4).
+
+Papers:
+* `Densely Connected Convolutional Networks` - https://arxiv.org/abs/1608.06993
+* `Memory-Efficient Implementation of DenseNets` - https://arxiv.org/abs/1707.06990
+* `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
+"""
+import math
+from collections import OrderedDict
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from timm.layers import create_classifier, get_device_dtype, get_norm_act_layer
+from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
+from timm.models._manipulate import MATCH_PREV_GROUP
+from timm.models.densenet import DenseBlock, DenseLayer, DenseTransition
+
+from .cifar_resnet import CIFAR100_MEAN, CIFAR100_STD
+
+__all__ = ['CifarDenseNet']  # model_registry will add each entrypoint fn to this
+
+
+class CifarDenseNet(nn.Module):
+    """DenseNet-BC for 32x32 inputs (3x3 stride-1 stem, three dense blocks, 8x8 final maps)."""
+
+    def __init__(
+            self,
+            growth_rate: int = 40,
+            block_config: Tuple[int, ...] = (31, 31, 31),
+            num_classes: int = 100,
+            in_chans: int = 3,
+            global_pool: str = 'avg',
+            bn_size: int = 4,
+            compression: float = 0.5,
+            act_layer: str = 'relu',
+            norm_layer: str = 'batchnorm2d',
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            memory_efficient: bool = False,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            growth_rate: Channels added by each dense layer (k).
+            block_config: Number of dense layers in each of the three blocks.
+            num_classes: Number of classifier classes.
+            in_chans: Number of input image channels.
+            global_pool: Global pooling type.
+            bn_size: Bottleneck width multiplier (the 1x1 conv outputs bn_size * k channels).
+            compression: Channel reduction of the transitions (DenseNet-BC: 0.5).
+            act_layer: Activation layer.
+            norm_layer: Normalization layer.
+            drop_rate: Dropout rate before the classifier.
+            proj_drop_rate: Dropout rate after each dense layer.
+            drop_path_rate: Not supported (DenseNet has no residual branches), must be 0.
+            memory_efficient: Checkpoint the concatenation + bottleneck of each dense layer.
+        """
+        super().__init__()
+        if drop_path_rate:
+            raise ValueError('CifarDenseNet has no residual branches, drop_path_rate must be 0.')
+        dd = {'device': device, 'dtype': dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        norm_act_layer = get_norm_act_layer(norm_layer, act_layer=act_layer)
+
+        # Stem
+        num_features = 2 * growth_rate
+        self.features = nn.Sequential(OrderedDict([
+            ('conv0', nn.Conv2d(in_chans, num_features, kernel_size=3, stride=1, padding=1, bias=False, **dd)),
+            ('norm0', norm_act_layer(num_features, **dd)),
+        ]))
+        self.feature_info = [dict(num_chs=num_features, reduction=1, module='features.norm0')]
+
+        # Dense blocks and transitions
+        current_stride = 1
+        for i, num_layers in enumerate(block_config):
+            block = DenseBlock(
+                num_layers=num_layers,
+                num_input_features=num_features,
+                bn_size=bn_size,
+                growth_rate=growth_rate,
+                norm_layer=norm_act_layer,
+                drop_rate=proj_drop_rate,
+                grad_checkpointing=memory_efficient,
+                **dd,
+            )
+            module_name = f'denseblock{i + 1}'
+            self.features.add_module(module_name, block)
+            num_features = num_features + num_layers * growth_rate
+            if i != len(block_config) - 1:
+                self.feature_info += [
+                    dict(num_chs=num_features, reduction=current_stride, module='features.' + module_name)]
+                current_stride *= 2
+                num_out_features = int(math.floor(num_features * compression))
+                trans = DenseTransition(
+                    num_input_features=num_features,
+                    num_output_features=num_out_features,
+                    norm_layer=norm_act_layer,
+                    **dd,
+                )
+                self.features.add_module(f'transition{i + 1}', trans)
+                num_features = num_out_features
+
+        # Final BN-ReLU
+        self.features.add_module('norm_final', norm_act_layer(num_features, **dd))
+        self.feature_info += [dict(num_chs=num_features, reduction=current_stride, module='features.norm_final')]
+
+        # Head (pooling and classifier)
+        self.num_features = self.head_hidden_size = num_features
+        self.global_pool, self.classifier = create_classifier(
+            self.num_features, self.num_classes, pool_type=global_pool, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        """Kaiming (fan_out) convs, BN weight 1 / bias 0, classifier bias 0."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups (stem, blocks) for layer-wise optimizer settings."""
+        return dict(
+            stem=r'^features\.conv0|features\.norm0',
+            blocks=r'^features\.(?:denseblock|transition)(\d+)' if coarse else [
+                (r'^features\.denseblock(\d+)\.denselayer(\d+)', None),
+                (r'^features\.transition(\d+)', MATCH_PREV_GROUP),
+                (r'^features\.norm_final', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Enable or disable gradient checkpointing (memory-efficient dense layers)."""
+        for m in self.features.modules():
+            if isinstance(m, DenseLayer):
+                m.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier head."""
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier head.
+
+        Args:
+            num_classes: Number of classes of the new classifier, 0 for none.
+            global_pool: Global pooling type, the current pooling is kept if None.
+        """
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.classifier = create_classifier(
+            self.num_features, self.num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem, dense blocks and final BN-ReLU, returns the unpooled NCHW feature map."""
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global pooling, dropout and classifier.
+
+        Args:
+            x: Feature map from `forward_features`.
+            pre_logits: Return the pooled features instead of the logits.
+        """
+        x = self.global_pool(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def _create_cifar_densenet(variant: str, pretrained: bool = False, **kwargs) -> CifarDenseNet:
+    return build_model_with_cfg(
+        CifarDenseNet,
+        variant,
+        pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear',
+        'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
+        'first_conv': 'features.conv0', 'classifier': 'classifier',
+        'paper_ids': 'arXiv:2011.14660', 'paper_name': 'SplitNet: Divide and Co-training',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'densenet_bc190_cifar': _cfg(),
+})
+
+
+@register_model
+def densenet_bc190_cifar(pretrained: bool = False, **kwargs) -> CifarDenseNet:
+    """DenseNet-BC-190 (k=40) for CIFAR, divided by `growth_rate` (40 / 28 / 20 for S=1/2/4)."""
+    model_args = dict(growth_rate=40, block_config=(31, 31, 31), bn_size=4, compression=0.5)
+    return _create_cifar_densenet('densenet_bc190_cifar', pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,313 @@
+""" CIFAR ResNet, SE-ResNet, Wide ResNet and ResNeXt
+
+The 32x32-input residual networks of the SplitNet CIFAR experiments, as one timm-style model class: a 3x3 stride-1
+stem (conv-BN-ReLU), three stages with strides 1, 2, 2 (8x8 final maps on 32x32 inputs), post-activation blocks
+(timm's `BasicBlock` / `Bottleneck`, stride on the 3x3 conv) and an avg-pool projection shortcut
+(AvgPool2d(2) -> conv1x1 -> BN, or conv1x1 -> BN for a stride-1 channel change).
+
+One width knob per family is the value SplitNet divides (`timm_splitnet.division`):
+* ResNet-110/164, SE-ResNet-110/164: `stem_width` W, stage planes W*[1, 2, 4], outputs 4W*[1, 2, 4]
+* WRN-d-k: `widen_factor` k, stem 16, stage widths 16k*[1, 2, 4]
+* ResNeXt-29 8x64d: `cardinality` (groups of the 3x3 conv), stem 64, bottleneck width planes * cardinality
+
+Papers:
+* `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385
+* `Identity Mappings in Deep Residual Networks` (ResNet-110/164 on CIFAR) - https://arxiv.org/abs/1603.05027
+* `Wide Residual Networks` - https://arxiv.org/abs/1605.07146
+* `Aggregated Residual Transformations for Deep Neural Networks` - https://arxiv.org/abs/1611.05431
+* `Squeeze-and-Excitation Networks` - https://arxiv.org/abs/1709.01507
+* `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
+"""
+from functools import partial
+from typing import Any, Dict, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn as nn
+
+from timm.layers import DropPath, LayerType, SEModule, create_classifier, get_device_dtype
+from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
+from timm.models._manipulate import checkpoint_seq
+from timm.models.resnet import BasicBlock, Bottleneck, downsample_avg
+
+__all__ = ['CifarResNet', 'CIFAR100_MEAN', 'CIFAR100_STD']  # model_registry will add each entrypoint fn to this
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+BlockType = Union[Type[BasicBlock], Type[Bottleneck]]
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs: 3x3 stem, three stages (strides 1, 2, 2), post-activation blocks.
+
+    Stage planes are `channels`, or `stem_width * widen_factor * [1, 2, 4]` when `channels` is None; stage outputs
+    are planes * block.expansion.
+    """
+
+    def __init__(
+            self,
+            block: BlockType,
+            layers: Tuple[int, ...],
+            num_classes: int = 100,
+            in_chans: int = 3,
+            stem_width: int = 16,
+            widen_factor: int = 1,
+            channels: Optional[Tuple[int, ...]] = None,
+            cardinality: int = 1,
+            base_width: int = 64,
+            attn_layer: Optional[LayerType] = None,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            zero_init_last: bool = True,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """
+        Args:
+            block: Residual block class (timm's `BasicBlock` or `Bottleneck`).
+            layers: Number of blocks in each of the three stages.
+            num_classes: Number of classifier classes.
+            in_chans: Number of input image channels.
+            stem_width: Output channels of the stem conv (and base of the stage planes).
+            widen_factor: Multiplier of the stage planes (WRN k); the stem is not widened.
+            channels: Explicit stage planes, overrides `stem_width * widen_factor * [1, 2, 4]`.
+            cardinality: Groups of the 3x3 conv in bottleneck blocks (ResNeXt).
+            base_width: Bottleneck width per group, the 3x3 conv width is planes * base_width / 64 * cardinality.
+            attn_layer: Attention module after the last BN of each block (e.g. SE), None for none.
+            act_layer: Activation layer.
+            norm_layer: Normalization layer.
+            global_pool: Global pooling type.
+            drop_rate: Dropout rate before the classifier.
+            drop_path_rate: Stochastic depth rate of the residual branches, increasing linearly per block.
+            zero_init_last: Zero-init the last BN of each residual branch.
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        if channels is None:
+            channels = tuple(int(stem_width * widen_factor * 2 ** i) for i in range(len(layers)))
+        assert len(channels) == len(layers)
+
+        # Stem
+        self.conv1 = nn.Conv2d(in_chans, stem_width, kernel_size=3, stride=1, padding=1, bias=False, **dd)
+        self.bn1 = norm_layer(stem_width, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.feature_info = [dict(num_chs=stem_width, reduction=1, module='act1')]
+
+        # Stages
+        inplanes = stem_width
+        net_num_blocks = sum(layers)
+        net_block_idx = 0
+        net_stride = 1
+        for stage_idx, (planes, num_blocks) in enumerate(zip(channels, layers)):
+            stride = 1 if stage_idx == 0 else 2
+            net_stride *= stride
+            outplanes = planes * block.expansion
+            blocks = []
+            for block_idx in range(num_blocks):
+                block_stride = stride if block_idx == 0 else 1
+                downsample = None
+                if block_stride != 1 or inplanes != outplanes:
+                    downsample = downsample_avg(inplanes, outplanes, kernel_size=1, stride=block_stride, **dd)
+                dpr = drop_path_rate * net_block_idx / max(net_num_blocks - 1, 1)
+                blocks.append(block(
+                    inplanes,
+                    planes,
+                    stride=block_stride,
+                    downsample=downsample,
+                    cardinality=cardinality,
+                    base_width=base_width,
+                    act_layer=act_layer,
+                    norm_layer=norm_layer,
+                    attn_layer=attn_layer,
+                    drop_path=DropPath(dpr) if dpr > 0. else None,
+                    **dd,
+                ))
+                inplanes = outplanes
+                net_block_idx += 1
+            stage_name = f'layer{stage_idx + 1}'
+            self.add_module(stage_name, nn.Sequential(*blocks))
+            self.feature_info += [dict(num_chs=outplanes, reduction=net_stride, module=stage_name)]
+
+        # Head (pooling and classifier)
+        self.num_features = self.head_hidden_size = inplanes
+        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool, **dd)
+        self.head_drop = nn.Dropout(drop_rate)
+
+        self.init_weights(zero_init_last=zero_init_last)
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """Kaiming (fan_out) convs, BN weight 1 / bias 0, fc N(0, 1e-3), optionally zero-init the last BN of blocks.
+
+        Args:
+            zero_init_last: Zero-init the last BN in each residual branch.
+        """
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=1e-3)
+                nn.init.zeros_(m.bias)
+        if zero_init_last:
+            for m in self.modules():
+                if hasattr(m, 'zero_init_last'):
+                    m.zero_init_last()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """Parameter groups (stem, blocks) for layer-wise optimizer settings."""
+        return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Enable or disable gradient checkpointing of the residual blocks."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier head."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier head.
+
+        Args:
+            num_classes: Number of classes of the new classifier, 0 for none.
+            global_pool: Global pooling type, the current pooling is kept if None.
+        """
+        dd = get_device_dtype(self)
+        self.num_classes = num_classes
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
+        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool, **dd)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and stages, returns the unpooled NCHW feature map."""
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
+        else:
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global pooling, dropout and classifier.
+
+        Args:
+            x: Feature map from `forward_features`.
+            pre_logits: Return the pooled features instead of the logits.
+        """
+        x = self.global_pool(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
+    return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+
+
+def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
+    return {
+        'url': url, 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear',
+        'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'paper_ids': 'arXiv:2011.14660', 'paper_name': 'SplitNet: Divide and Co-training',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'resnet110_cifar': _cfg(),
+    'resnet164_cifar': _cfg(),
+    'seresnet110_cifar': _cfg(),
+    'seresnet164_cifar': _cfg(),
+    'wrn16_8_cifar': _cfg(),
+    'wrn28_10_cifar': _cfg(),
+    'wrn40_10_cifar': _cfg(),
+    'resnext29_8x64d_cifar': _cfg(),
+})
+
+# SE for the CIFAR SE-ResNets: reduction ratio 4 without channel rounding (SplitNet keeps it for every S)
+_se_cifar = partial(SEModule, rd_ratio=1. / 4, rd_divisor=1)
+
+
+@register_model
+def resnet110_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-110 (bottleneck, 12 blocks per stage) for CIFAR, divided by `stem_width` (16 / 12 / 8 for S=1/2/4)."""
+    model_args = dict(block=Bottleneck, layers=(12, 12, 12), stem_width=16)
+    return _create_cifar_resnet('resnet110_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnet164_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-164 (bottleneck, 18 blocks per stage) for CIFAR, divided by `stem_width` (16 / 12 / 8 for S=1/2/4)."""
+    model_args = dict(block=Bottleneck, layers=(18, 18, 18), stem_width=16)
+    return _create_cifar_resnet('resnet164_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def seresnet110_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """SE-ResNet-110 (SE reduction 4, no zero-init of the last BN) for CIFAR, divided by `stem_width`."""
+    model_args = dict(
+        block=Bottleneck, layers=(12, 12, 12), stem_width=16, attn_layer=_se_cifar, zero_init_last=False)
+    return _create_cifar_resnet('seresnet110_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def seresnet164_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """SE-ResNet-164 (SE reduction 4, no zero-init of the last BN) for CIFAR, divided by `stem_width`."""
+    model_args = dict(
+        block=Bottleneck, layers=(18, 18, 18), stem_width=16, attn_layer=_se_cifar, zero_init_last=False)
+    return _create_cifar_resnet('seresnet164_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def wrn16_8_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """WRN-16-8 (post-activation basic blocks) for CIFAR, divided by `widen_factor` (8 / 6 / 4 for S=1/2/4)."""
+    model_args = dict(block=BasicBlock, layers=(2, 2, 2), stem_width=16, widen_factor=8)
+    return _create_cifar_resnet('wrn16_8_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def wrn28_10_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """WRN-28-10 (post-activation basic blocks) for CIFAR, divided by `widen_factor` (10 / 7 / 5 for S=1/2/4)."""
+    model_args = dict(block=BasicBlock, layers=(4, 4, 4), stem_width=16, widen_factor=10)
+    return _create_cifar_resnet('wrn28_10_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def wrn40_10_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """WRN-40-10 (post-activation basic blocks, fc dropout 0.1) for CIFAR, divided by `widen_factor` (10 / 7 / 5).
+    """
+    model_args = dict(block=BasicBlock, layers=(6, 6, 6), stem_width=16, widen_factor=10, drop_rate=0.1)
+    return _create_cifar_resnet('wrn40_10_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def resnext29_8x64d_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNeXt-29 8x64d for CIFAR (stem 64, 64 channels per group), divided by `cardinality` (8 / 4 / 2)."""
+    model_args = dict(block=Bottleneck, layers=(3, 3, 3), stem_width=64, cardinality=8, base_width=64)
+    return _create_cifar_resnet('resnext29_8x64d_cifar', pretrained, **dict(model_args, **kwargs))

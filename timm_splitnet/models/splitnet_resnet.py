@@ -1,0 +1,59 @@
+""" ImageNet ResNets of the SplitNet paper that timm's ResNet kwargs cannot express
+
+SE-ResNeXt-101 64x4d as in "SplitNet: Divide and Co-training" (https://arxiv.org/abs/2011.14660), after the
+SENet of Cadene's pretrained-models: a deep 3x3 stem whose three convs are all `stem_width` wide (64-64-64; timm's
+'deep' stem ends at twice the width), average-pool projection shortcuts and SE (reduction 16) after the last BN.
+Built with timm's `ResNet`, so everything else (blocks, init, API) is timm's.
+
+Hacked together by the timm-splitnet authors
+"""
+import torch.nn as nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.resnet import Bottleneck, ResNet
+
+__all__ = []
+
+
+def _flat_deep_stem(model: ResNet, in_chans: int, stem_width: int) -> None:
+    """Widen timm's deep stem (w/2, w/2, w) to (w, w, w) in place, keeping its module names."""
+    stem = model.conv1
+    norm = type(stem[1])
+    stem[0] = nn.Conv2d(in_chans, stem_width, 3, stride=2, padding=1, bias=False)
+    stem[1] = norm(stem_width)
+    stem[3] = nn.Conv2d(stem_width, stem_width, 3, stride=1, padding=1, bias=False)
+    stem[4] = norm(stem_width)
+    stem[6] = nn.Conv2d(stem_width, stem_width, 3, stride=1, padding=1, bias=False)
+    for m in stem.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+
+def _create_flat_stem_resnet(variant: str, pretrained: bool = False, stem_width: int = 64, **kwargs) -> ResNet:
+    kwargs.setdefault('in_chans', 3)
+    model = build_model_with_cfg(
+        ResNet, variant, pretrained, stem_type='deep', stem_width=stem_width // 2, avg_down=True, **kwargs)
+    _flat_deep_stem(model, kwargs['in_chans'], stem_width)
+    return model
+
+
+def _cfg(**kwargs):
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7), 'crop_pct': 0.87,
+        'interpolation': 'bicubic', 'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1.0', 'classifier': 'fc', 'paper_ids': 'arXiv:2011.14660', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'seresnext101_64x4d_splitnet.untrained': _cfg(),
+})
+
+
+@register_model
+def seresnext101_64x4d_splitnet(pretrained: bool = False, **kwargs) -> ResNet:
+    """SE-ResNeXt-101 64x4d with the SplitNet paper's 64-64-64 deep stem. SplitNet divides `cardinality`."""
+    model_args = dict(
+        block=Bottleneck, layers=(3, 4, 23, 3), cardinality=64, base_width=4, block_args=dict(attn_layer='se'))
+    return _create_flat_stem_resnet('seresnext101_64x4d_splitnet', pretrained, **dict(model_args, **kwargs))
