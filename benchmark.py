@@ -1,0 +1,461 @@
+#!/usr/bin/env python3
+""" SplitNet inference / train benchmark
+
+timm-style throughput and latency benchmark of SplitNet (and plain timm) models on random inputs. For a SplitNet with
+S > 1 it reports, side by side (the paper's Fig. 3 / Fig. 6 latency study):
+
+- `undivided`: the S=1 model of the same architecture (`splitnet_<arch>_s1`, `--compare-undivided`, default on),
+- `sequential`: the S members one after another on `--device` (the normal model),
+- `concurrent`: member i on `--devices[i mod n]`, one host thread per device (`timm_splitnet.concurrent`).
+
+    python benchmark.py --model splitnet_wrn28_10_s4 --devices cuda:0,cuda:1,cuda:2,cuda:3 --amp -b 100
+    python benchmark.py --model-list "splitnet_resnet50_s2,splitnet_wrn50_3_s2" --bench both --plot latency.png
+    python benchmark.py --plot-from results.json --plot latency.png
+
+Result keys follow timm's benchmark.py (`infer_samples_per_sec`, `infer_step_time` (mean ms), `infer_batch_size`,
+`infer_img_size`, `infer_gmacs`, `train_*`, `param_count`), plus `infer_step_time_median`, `infer_latency_ms`
+(median step time per image), `infer_peak_mem_mb` (CUDA only), `split_mode`, `split_factor`, `split_backend`,
+`devices` and `group` (the requested model a row belongs to).
+
+Hacked together by the timm-splitnet authors
+"""
+import argparse
+import gc
+import json
+import logging
+import re
+import statistics
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import timm
+from timm.data import resolve_data_config
+from timm.utils import ParseKwargs
+
+import timm_splitnet  # noqa: F401  registers the splitnet_* models
+from timm_splitnet import SplitNet, count_params, splitnet_name
+from timm_splitnet.concurrent import ConcurrentMembers, synchronize_devices
+from validate import (
+    CliError, create_model_checked, expand_model_names, model_gmacs, parse_devices_checked, resolve_amp_dtype,
+    resolve_device_checked, set_split_backend, setup_logging, write_results,
+)
+
+_logger = logging.getLogger('benchmark')
+
+SPLIT_MODES = ('undivided', 'sequential', 'concurrent')
+_SPLITNET_NAME = re.compile(r'^splitnet_(?P<arch>.+)_s(?P<s>\d+)$')
+
+parser = argparse.ArgumentParser(description='SplitNet / timm model benchmark')
+parser.add_argument('--model', '-m', metavar='NAME', default=None,
+                    help='model architecture, or a wildcard (e.g. "splitnet_wrn*")')
+parser.add_argument('--model-list', metavar='FILE_OR_NAMES', default='',
+                    help='file with one model name per line, or a comma separated list of names / wildcards')
+parser.add_argument('--bench', default='both', type=str, choices=['infer', 'train', 'both'],
+                    help='benchmark mode: "both", "infer", "train" (default: both)')
+parser.add_argument('--results-file', default='', type=str, help='output file for results (csv or json)')
+parser.add_argument('--results-format', default='csv', type=str, choices=['csv', 'json'],
+                    help='format for results file (default: csv)')
+parser.add_argument('--num-warm-iter', default=10, type=int, help='number of warmup iterations (default: 10)')
+parser.add_argument('--num-bench-iter', default=40, type=int, help='number of benchmark iterations (default: 40)')
+parser.add_argument('--device', default=None, type=str,
+                    help='device of the sequential / undivided runs (default: first of --devices, else cuda if '
+                         'available, else cpu)')
+parser.add_argument('--devices', default='', type=str, metavar='DEV[,DEV...]',
+                    help='also run SplitNet members concurrently, member i on device i mod n (e.g. cuda:0,cuda:1)')
+parser.add_argument('--streams', action='store_true', default=False,
+                    help='concurrent runs: every device slot issues its work on its own CUDA stream')
+parser.add_argument('--compare-undivided', action=argparse.BooleanOptionalAction, default=None,
+                    help='also benchmark the undivided splitnet_<arch>_s1 model (default: on for SplitNets with S>1)')
+parser.add_argument('--split-backend', default=None, type=str, help='SplitNet member execution backend (e.g. loop)')
+parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='mini-batch size (default: 256)')
+parser.add_argument('--img-size', default=None, type=int, metavar='N', help='input image dimension, uses model default')
+parser.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
+                    help='input all image dimensions (d h w, e.g. --input-size 3 224 224), uses model default')
+parser.add_argument('--use-train-size', action='store_true', default=False,
+                    help='run inference at train size, not test-input-size if it exists')
+parser.add_argument('--num-classes', type=int, default=None, help='number classes in dataset')
+parser.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+parser.add_argument('--amp', action='store_true', default=False,
+                    help='use PyTorch Native AMP for mixed precision training. Overrides --precision arg.')
+parser.add_argument('--amp-dtype', default='float16', type=str,
+                    help='lower precision AMP dtype (default: float16). Overrides --precision arg if args.amp True.')
+parser.add_argument('--precision', default='float32', type=str,
+                    help='numeric precision. One of (amp, amp_float16, amp_bfloat16, float16, bfloat16, float32)')
+parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                    help='enable compilation w/ specified backend (default: inductor); not for concurrent runs')
+parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                    help='extra model kwargs, e.g. --model-kwargs drop_rate=0.1')
+parser.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='train benchmark optimizer')
+parser.add_argument('--lr', default=1e-4, type=float, metavar='LR', help='train benchmark learning rate')
+parser.add_argument('--cot-weight', default=0.5, type=float,
+                    help='co-training weight of the SplitNet train benchmark loss (default: 0.5)')
+parser.add_argument('--seed', default=42, type=int, help='random seed of weights and inputs')
+parser.add_argument('--plot', default='', type=str, metavar='FILE.png',
+                    help='draw the latency comparison (undivided / sequential / concurrent) to this file')
+parser.add_argument('--plot-from', default='', type=str, metavar='RESULTS.json',
+                    help='re-plot a saved JSON results file (with --plot); no benchmark is run')
+
+
+def resolve_precision(precision: str) -> Tuple[Optional[torch.dtype], torch.dtype]:
+    """(autocast dtype or None, model / data dtype) of a timm `--precision` value."""
+    choices = {
+        'amp': (torch.float16, torch.float32),
+        'amp_float16': (torch.float16, torch.float32),
+        'amp_bfloat16': (torch.bfloat16, torch.float32),
+        'float16': (None, torch.float16),
+        'bfloat16': (None, torch.bfloat16),
+        'float32': (None, torch.float32),
+    }
+    if precision not in choices:
+        raise CliError(f'unknown --precision {precision!r}, expected one of {", ".join(choices)}.')
+    return choices[precision]
+
+
+def parse_splitnet_name(name: str) -> Optional[Tuple[str, int]]:
+    """(arch, S) of a `splitnet_<arch>_s<S>` name, else None."""
+    match = _SPLITNET_NAME.match(name)
+    return (match['arch'], int(match['s'])) if match else None
+
+
+# ----- timing -----
+
+def time_steps(step: Callable[[], Any], devices: Sequence[torch.device], num_warm: int, num_bench: int) -> List[float]:
+    """Step times (ms) of `num_bench` calls after `num_warm` warm-up calls; every device used is synchronised."""
+    for _ in range(num_warm):
+        step()
+    synchronize_devices(devices)
+    times = []
+    for _ in range(num_bench):
+        t0 = time.perf_counter()
+        step()
+        synchronize_devices(devices)
+        times.append((time.perf_counter() - t0) * 1000.)
+    return times
+
+
+def _reset_peak_memory(devices: Sequence[torch.device]) -> None:
+    for d in {d for d in devices if d.type == 'cuda'}:
+        torch.cuda.reset_peak_memory_stats(d)
+
+
+def _peak_memory_mb(devices: Sequence[torch.device]) -> Optional[float]:
+    """Largest `max_memory_allocated` over the CUDA devices used (MiB), None on CPU."""
+    peaks = [torch.cuda.max_memory_allocated(d) for d in {d for d in devices if d.type == 'cuda'}]
+    return round(max(peaks) / 2 ** 20, 1) if peaks else None
+
+
+def _summary(times_ms: List[float], batch_size: int, img_size: int) -> Dict[str, Any]:
+    mean = statistics.fmean(times_ms)
+    median = statistics.median(times_ms)
+    return OrderedDict(
+        samples_per_sec=round(batch_size * 1000. / mean, 2),
+        step_time=round(mean, 3),
+        step_time_median=round(median, 3),
+        latency_ms=round(median / batch_size, 4),
+        batch_size=batch_size,
+        img_size=img_size,
+    )
+
+
+# ----- one benchmark setup -----
+
+class BenchSetup:
+    """A model ready to benchmark in one split mode: forward function, input device(s), precision."""
+
+    def __init__(self, name: str, mode: str, args, device: torch.device, devices: Optional[List[torch.device]]):
+        self.name = name
+        self.mode = mode
+        self.precision = args.precision
+        if args.amp:  # overrides --precision, as in timm
+            self.precision = 'amp_bfloat16' if resolve_amp_dtype(args.amp_dtype) == torch.bfloat16 else 'amp_float16'
+        self.amp_dtype, self.dtype = resolve_precision(self.precision)
+        self.memory_format = torch.channels_last if args.channels_last else None
+        kwargs = dict(args.model_kwargs or {})
+        if args.num_classes is not None:
+            kwargs['num_classes'] = args.num_classes
+        torch.manual_seed(args.seed)
+        self.model = create_model_checked(name, **kwargs)
+        self.split_backend = set_split_backend(self.model, args.split_backend)
+        self.is_split = isinstance(self.model, SplitNet)
+        self.param_count = count_params(self.model)
+        data_config = resolve_data_config(vars(args), model=self.model, use_test_size=not args.use_train_size)
+        self.input_size = tuple(data_config['input_size'])
+        self.num_classes = self.model.num_classes
+        self.gmacs = model_gmacs(name, self.input_size, model=self.model, **kwargs)
+        self.model.to(dtype=self.dtype)
+        if self.memory_format is not None:
+            self.model.to(memory_format=self.memory_format)
+        self.runner = None
+        if mode == 'concurrent':
+            self.runner = ConcurrentMembers(self.model, devices, amp_dtype=self.amp_dtype, streams=args.streams)
+            self.device = self.runner.device
+            self.devices = self.runner.used_devices
+            self.forward_members = self.runner.forward_members
+            self.forward = self.runner
+            self.parameters = lambda: self.runner.parameters()
+            self.autocast = nullcontext  # the runner enters autocast in every worker thread
+            if args.torchcompile:
+                _logger.warning('--torchcompile is not applied to concurrent runs.')
+        else:
+            self.model.to(device)
+            self.device = device
+            self.devices = [device]
+            model = self.model
+            if args.torchcompile:
+                model = torch.compile(self.model, backend=args.torchcompile)
+            self.forward = model
+            self.forward_members = model  # train mode: a SplitNet returns the member logits [S, B, C]
+            self.parameters = self.model.parameters
+            self.autocast = partial(torch.autocast, device_type=device.type, dtype=self.amp_dtype) \
+                if self.amp_dtype else nullcontext
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+        if self.runner is not None:
+            self.runner.train(mode)
+
+    def input(self, batch_size: int) -> torch.Tensor:
+        x = torch.randn((batch_size,) + self.input_size, device=self.device, dtype=self.dtype)
+        return x.contiguous(memory_format=self.memory_format) if self.memory_format is not None else x
+
+    def info(self) -> Dict[str, Any]:
+        return OrderedDict(
+            split_mode=self.mode,
+            split_factor=self.model.split_factor if self.is_split else None,
+            split_backend=self.split_backend,
+            precision=self.precision,
+            devices=','.join(str(d) for d in (self.runner.slot_devices if self.runner else self.devices)),
+        )
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+        self.runner = self.forward = self.forward_members = self.model = None
+
+
+def make_criterion(is_split: bool, cot_weight: float = 0.5) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Loss of the train benchmark: the co-training loss on member logits [S, B, C] (else their summed CE)."""
+    if not is_split:
+        return F.cross_entropy
+    try:
+        from timm_splitnet.loss import CoTrainingLoss
+        criterion = CoTrainingLoss(cot_weight=cot_weight)
+    except ImportError:
+        criterion = None
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if criterion is None:
+            return sum(F.cross_entropy(z.float(), target) for z in logits)
+        out = criterion(logits, target)
+        if isinstance(out, dict):
+            return out['loss']
+        return getattr(out, 'loss', out)
+
+    return loss_fn
+
+
+def bench_infer(setup: BenchSetup, args) -> Dict[str, Any]:
+    setup.train(False)
+    x = setup.input(args.batch_size)
+
+    def step():
+        with torch.inference_mode(), setup.autocast():
+            setup.forward(x)
+
+    _reset_peak_memory(setup.devices)
+    times = time_steps(step, setup.devices, args.num_warm_iter, args.num_bench_iter)
+    results = _summary(times, args.batch_size, setup.input_size[-1])
+    results['gmacs'] = setup.gmacs
+    results['peak_mem_mb'] = _peak_memory_mb(setup.devices)
+    return results
+
+
+def bench_train(setup: BenchSetup, args) -> Dict[str, Any]:
+    from timm.optim import create_optimizer_v2
+    setup.train(True)
+    criterion = make_criterion(setup.is_split, args.cot_weight)
+    optimizer = create_optimizer_v2(list(setup.parameters()), opt=args.opt, lr=args.lr)
+    x = setup.input(args.batch_size)
+    target = torch.randint(0, max(setup.num_classes, 1), (args.batch_size,), device=setup.device)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with setup.autocast():
+            out = setup.forward_members(x)
+            loss = criterion(out, target)
+        loss.backward()
+        optimizer.step()
+
+    _reset_peak_memory(setup.devices)
+    times = time_steps(step, setup.devices, args.num_warm_iter, args.num_bench_iter)
+    results = _summary(times, args.batch_size, setup.input_size[-1])
+    results['peak_mem_mb'] = _peak_memory_mb(setup.devices)
+    setup.train(False)
+    return results
+
+
+def benchmark_one(name: str, mode: str, args, device: torch.device, devices) -> Dict[str, Any]:
+    """One result row: `name` in split mode `mode`, infer and / or train keys merged as in timm."""
+    setup = BenchSetup(name, mode, args, device, devices)
+    try:
+        row = OrderedDict(model=name)
+        row.update(setup.info())
+        if args.bench in ('infer', 'both'):
+            row.update((f'infer_{k}', v) for k, v in bench_infer(setup, args).items())
+        if args.bench in ('train', 'both'):
+            train = bench_train(setup, args)
+            row.update((f'train_{k}', v) for k, v in train.items())
+            if 'infer_gmacs' not in row:
+                row['train_gmacs'] = setup.gmacs
+        row['param_count'] = round(setup.param_count / 1e6, 4)
+    finally:
+        setup.close()
+        del setup
+        gc.collect()
+        if device.type == 'cuda':
+            torch.cuda.empty_cache()
+    return row
+
+
+def benchmark_model(
+        name: str,
+        args,
+        device: torch.device,
+        devices: Optional[List[torch.device]],
+        cache: Dict[Tuple[str, str], Dict[str, Any]],
+) -> List[Dict[str, Any]]:
+    """The rows of one requested model: undivided / sequential / concurrent as they apply."""
+    parsed = parse_splitnet_name(name)
+    split_factor = parsed[1] if parsed else None
+    compare = args.compare_undivided
+    if compare is None:
+        compare = bool(split_factor and split_factor > 1)
+    runs = []
+    if compare and parsed and split_factor > 1:
+        undivided = splitnet_name(parsed[0], 1)
+        if timm.is_model(undivided):
+            runs.append((undivided, 'undivided'))
+        else:
+            _logger.warning(f'no undivided model {undivided} to compare {name} with.')
+    runs.append((name, 'sequential' if parsed else 'single'))
+    if devices and parsed:
+        runs.append((name, 'concurrent'))
+    elif devices:
+        _logger.warning(f'--devices ignored for {name}: not a SplitNet.')
+    rows = []
+    for run_name, mode in runs:
+        key = (run_name, mode)
+        if key not in cache:
+            _logger.info(f'Benchmarking {run_name} ({mode}) ...')
+            cache[key] = benchmark_one(run_name, mode, args, device, devices)
+            if mode == 'undivided':
+                cache[(run_name, 'sequential')] = cache[key]
+        row = OrderedDict(cache[key])
+        row['split_mode'] = mode
+        row['group'] = name
+        rows.append(row)
+    return rows
+
+
+def format_rows(rows: List[Dict[str, Any]]) -> str:
+    """A readable table of result rows."""
+    cols = [
+        ('model', 'model', '{}', 32), ('split_mode', 'mode', '{}', 10), ('split_factor', 'S', '{}', 3),
+        ('devices', 'devices', '{}', 15), ('infer_samples_per_sec', 'inf img/s', '{:.1f}', 10),
+        ('infer_step_time_median', 'inf ms', '{:.2f}', 9), ('infer_latency_ms', 'ms/img', '{:.4f}', 9),
+        ('infer_peak_mem_mb', 'inf MiB', '{:.0f}', 8), ('train_samples_per_sec', 'train img/s', '{:.1f}', 11),
+        ('train_step_time_median', 'train ms', '{:.2f}', 9), ('param_count', 'params(M)', '{:.3f}', 9),
+        ('gmacs', 'GMACs', '{:.3f}', 8),
+    ]
+
+    def cell(row, key, fmt):
+        value = row.get(key, row.get('infer_gmacs', row.get('train_gmacs')) if key == 'gmacs' else None)
+        if value is None:
+            return '-'
+        try:
+            return fmt.format(value)
+        except (ValueError, TypeError):
+            return str(value)
+
+    lines = [' '.join(f'{title:>{w}}' if i else f'{title:<{w}}' for i, (_, title, _, w) in enumerate(cols))]
+    for row in rows:
+        if 'error' in row:
+            lines.append(f'{row["model"]:<32} error: {row["error"]}')
+            continue
+        lines.append(' '.join(
+            f'{cell(row, k, fmt):>{w}}' if i else f'{cell(row, k, fmt):<{w}}' for i, (k, _, fmt, w) in enumerate(cols)))
+    return '\n'.join(lines)
+
+
+def load_results(path: str) -> List[Dict[str, Any]]:
+    """Result rows of a JSON results file (a list of rows, or {'results': [...]})."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise CliError(f'results file not found: {path}') from e
+    except json.JSONDecodeError as e:
+        raise CliError(f'{path} is not a JSON results file ({e}); re-plot needs --results-format json output.') from e
+    rows = data.get('results', data) if isinstance(data, dict) else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise CliError(f'{path} does not hold a list of result rows.')
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """Command line entry point; returns the result rows (raises SystemExit with a message on bad input)."""
+    setup_logging()
+    args = parser.parse_args(argv)
+    try:
+        if args.plot_from:
+            if not args.plot:
+                raise CliError('--plot-from needs --plot FILE.png.')
+            rows = load_results(args.plot_from)
+            _plot(rows, args.plot)
+            return rows
+        model_names = expand_model_names(args.model, args.model_list)
+        resolve_precision(args.precision)
+        if args.amp:
+            resolve_amp_dtype(args.amp_dtype)
+        devices = parse_devices_checked(args.devices) if args.devices else None
+        device = resolve_device_checked(args.device) if args.device or not devices else devices[0]
+        rows, cache = [], {}
+        for name in model_names:
+            try:
+                rows += benchmark_model(name, args, device, devices, cache)
+            except torch.cuda.OutOfMemoryError as e:
+                _logger.error(f'{name}: out of memory at batch size {args.batch_size}: {str(e).splitlines()[0]}')
+                rows.append(OrderedDict(model=name, error=f'out of memory at batch size {args.batch_size}'))
+            except Exception as e:
+                if len(model_names) == 1:
+                    raise
+                # bulk mode: report the model's failure and go on with the others (as timm's benchmark.py)
+                _logger.error(f'{name}: {type(e).__name__}: {e}', exc_info=not isinstance(e, CliError))
+                rows.append(OrderedDict(model=name, error=str(e)))
+    except CliError as e:
+        raise SystemExit(f'benchmark.py: error: {e}')
+    if args.results_file:
+        write_results(args.results_file, rows, format=args.results_format)
+    print(format_rows(rows))
+    print(f'--result\n{json.dumps(rows, indent=4)}')
+    if args.plot:
+        _plot(rows, args.plot)
+    if any('error' in r for r in rows):
+        raise SystemExit(1)
+    return rows
+
+
+def _plot(rows: List[Dict[str, Any]], path: str) -> None:
+    from timm_splitnet.plots import plot_latency
+    plot_latency(rows, path)
+    _logger.info(f'Latency plot written to {path}')
+
+
+if __name__ == '__main__':
+    main()

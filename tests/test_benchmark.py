@@ -1,0 +1,151 @@
+"""benchmark.py, the concurrent member runner and the latency plot (CPU, tiny batches, a few iterations)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm
+import timm_splitnet  # noqa: F401
+from timm_splitnet.concurrent import ConcurrentMembers, parse_devices
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the repo-root scripts
+
+import benchmark  # noqa: E402
+
+
+MODEL = 'splitnet_resnet110_s2'
+TINY_ARGS = ['--model-kwargs', 'layers=(1,1,1)', '--num-classes', '10']
+FAST = ['-b', '2', '--num-warm-iter', '1', '--num-bench-iter', '2', '--device', 'cpu']
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_intra_op_thread():
+    """Tiny models gain nothing from intra-op threads, and the concurrent runner adds host threads of its own."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+def tiny_model(name: str = MODEL, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, layers=(1, 1, 1), num_classes=10).eval()
+
+
+# ----- ConcurrentMembers -----
+
+@pytest.mark.parametrize('name,devices', [(MODEL, ['cpu', 'cpu']), ('splitnet_resnet110_s4', 'cpu,cpu')])
+def test_concurrent_members_equal_sequential(name, devices):
+    model = tiny_model(name)
+    x = torch.randn(3, 3, 32, 32)
+    with ConcurrentMembers(model, devices) as runner, torch.inference_mode():
+        assert [d for _, d, _ in runner.members()] == [torch.device('cpu')] * model.split_factor
+        torch.testing.assert_close(runner.forward_members(x), model.forward_members(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(runner(x), model(x), atol=1e-5, rtol=0)
+        # [B, S*3, H, W]: member i sees view i
+        views = torch.randn(2, 3 * model.split_factor, 32, 32)
+        torch.testing.assert_close(runner.forward_members(views), model.forward_members(views), atol=1e-5, rtol=0)
+        # the model's ensemble manner is used
+        model.set_ensemble('max', ensemble_softmax=True)
+        torch.testing.assert_close(runner(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_concurrent_members_grad_and_autocast():
+    model = tiny_model()
+    runner = ConcurrentMembers(model, 'cpu,cpu').train()
+    logits = runner.forward_members(torch.randn(2, 3, 32, 32))  # grad mode of the caller reaches the threads
+    assert logits.shape == (2, 2, 10) and logits.requires_grad
+    logits.sum().backward()
+    assert all(p.grad is not None for p in runner.parameters())
+    assert all(p.grad is None for p in model.parameters())  # the placed members are copies
+    runner.eval()
+    with torch.inference_mode():
+        assert ConcurrentMembers(model, ['cpu'], amp_dtype=torch.bfloat16)(torch.randn(1, 3, 32, 32)).dtype == \
+            torch.bfloat16
+        with torch.autocast('cpu', dtype=torch.bfloat16):  # the caller's autocast state reaches the threads
+            assert runner.forward_members(torch.randn(1, 3, 32, 32)).dtype == torch.bfloat16
+    runner.close()
+
+
+def test_parse_devices_errors():
+    assert parse_devices('cpu, cpu') == [torch.device('cpu')] * 2
+    for bad in ('tpu', 'cuda:99', 'cpu,cuda:99', ''):
+        with pytest.raises(ValueError):
+            parse_devices(bad)
+    with pytest.raises(TypeError, match='SplitNet'):
+        ConcurrentMembers(timm.create_model('resnet18'), ['cpu'])
+
+
+# ----- benchmark.py -----
+
+INFER_KEYS = ('infer_samples_per_sec', 'infer_step_time', 'infer_step_time_median', 'infer_latency_ms',
+              'infer_batch_size', 'infer_img_size', 'infer_gmacs', 'infer_peak_mem_mb')
+TRAIN_KEYS = ('train_samples_per_sec', 'train_step_time', 'train_step_time_median', 'train_batch_size',
+              'train_img_size', 'train_peak_mem_mb')
+
+
+def test_benchmark_infer_train_concurrent_and_plot(tmp_path):
+    out = tmp_path / 'results.json'
+    png = tmp_path / 'latency.png'
+    rows = benchmark.main(['--model', MODEL, '--bench', 'both', '--devices', 'cpu,cpu', '--results-file', str(out),
+                           '--results-format', 'json', '--plot', str(png)] + FAST + TINY_ARGS)
+    assert [(r['model'], r['split_mode']) for r in rows] == [
+        ('splitnet_resnet110_s1', 'undivided'), (MODEL, 'sequential'), (MODEL, 'concurrent')]
+    for r in rows:
+        for key in INFER_KEYS + TRAIN_KEYS + ('param_count', 'split_mode', 'split_factor', 'split_backend', 'group'):
+            assert key in r, key
+        assert r['infer_samples_per_sec'] > 0 and r['train_samples_per_sec'] > 0
+        assert r['infer_batch_size'] == 2 and r['infer_img_size'] == 32 and r['infer_gmacs'] > 0
+        assert r['infer_peak_mem_mb'] is None and r['group'] == MODEL  # CPU: no peak memory
+        assert r['infer_step_time_median'] == pytest.approx(r['infer_latency_ms'] * 2, rel=1e-3)
+    assert [r['split_factor'] for r in rows] == [1, 2, 2] and rows[2]['devices'] == 'cpu,cpu'
+    assert rows[1]['param_count'] == rows[2]['param_count']
+    assert json.loads(out.read_text()) == [dict(r) for r in rows]
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+    replot = tmp_path / 'replot.png'
+    benchmark.main(['--plot-from', str(out), '--plot', str(replot)])
+    assert replot.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_benchmark_wildcard_csv_and_plain_model(tmp_path):
+    out = tmp_path / 'results.csv'
+    rows = benchmark.main([
+        '--model', 'splitnet_resnet110_s[14]', '--bench', 'infer', '--no-compare-undivided', '--results-file',
+        str(out)] + FAST + TINY_ARGS)
+    assert [(r['model'], r['split_mode'], r['split_factor']) for r in rows] == [
+        ('splitnet_resnet110_s1', 'sequential', 1), ('splitnet_resnet110_s4', 'sequential', 4)]
+    assert not any(k.startswith('train_') for k in rows[0])
+    lines = out.read_text().splitlines()
+    assert len(lines) == 3 and lines[0].startswith('model,split_mode') and 'infer_samples_per_sec' in lines[0]
+
+    plain = benchmark.main([
+        '--model', 'resnet18', '--bench', 'infer', '--img-size', '32', '-b', '1', '--num-warm-iter', '0',
+        '--num-bench-iter', '1', '--device', 'cpu'])
+    assert len(plain) == 1 and plain[0]['split_mode'] == 'single' and plain[0]['split_factor'] is None
+    assert plain[0]['param_count'] == pytest.approx(11.69, abs=0.01) and plain[0]['infer_gmacs'] > 0
+
+
+def expect_error(argv, *fragments):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(argv)
+    message = str(e.value.code)
+    assert message.startswith('benchmark.py: error:'), message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_benchmark_bad_inputs(tmp_path):
+    expect_error(['--model', 'splitnet_resnet11_s2'] + FAST, 'unknown model', 'splitnet_resnet110_s2')
+    expect_error(['--model', 'splitnet_nothing*'] + FAST, 'no registered model matches')
+    expect_error(['--model', MODEL, '--devices', 'cpu,cuda:99'] + FAST + TINY_ARGS, 'cuda:99')
+    expect_error(['--model', MODEL, '--devices', 'tpu'] + FAST + TINY_ARGS, 'tpu')
+    expect_error(['--model', MODEL, '--precision', 'float8'] + FAST, 'float8')
+    expect_error(['--model', MODEL, '--split-backend', 'nope'] + FAST + TINY_ARGS, 'nope')
+    expect_error(['--plot-from', str(tmp_path / 'missing.json'), '--plot', str(tmp_path / 'x.png')], 'not found')
+    expect_error([], 'no model given')

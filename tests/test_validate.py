@@ -1,0 +1,222 @@
+"""validate.py on a small real CIFAR-10 folder (CPU): checkpoints, metrics of members and ensemble manners, errors."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import timm
+import timm_splitnet
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm_splitnet import save_safetensors
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the repo-root scripts
+
+import validate  # noqa: E402
+
+
+MODEL = 'splitnet_resnet110_s2'
+# one bottleneck per stage and a 10-class head: the real SplitNet code path at a fraction of the cost
+TINY = {'layers': (1, 1, 1), 'num_classes': 10}
+TINY_ARGS = ['--model-kwargs', 'layers=(1,1,1)', '--num-classes', '10']
+MANNERS = ('mean', 'max', 'softmax_mean', 'softmax_max')
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_intra_op_thread():
+    """Tiny models gain nothing from intra-op threads, and the concurrent runner adds host threads of its own."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+def tiny_model(name: str = MODEL, seed: int = 0, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(name, **dict(TINY, **kwargs)).eval()
+
+
+def run_validate(data, *extra, model=MODEL, tiny=True):
+    argv = [str(data), '--model', model, '-b', '50', '-j', '0', '--device', 'cpu', '--log-freq', '0']
+    return validate.main(argv + (TINY_ARGS if tiny else []) + list(extra))
+
+
+@pytest.fixture(scope='module')
+def tiny_weights(tmp_path_factory):
+    """A tiny splitnet_resnet110_s2 saved as .safetensors and as a timm .pth.tar (weights under state_dict_ema)."""
+    root = tmp_path_factory.mktemp('weights')
+    model = tiny_model(seed=1)
+    safetensors_path = root / 'model.safetensors'
+    save_safetensors(model, str(safetensors_path))
+    other = tiny_model(seed=2)
+    pth_path = root / 'checkpoint.pth.tar'
+    torch.save({
+        'epoch': 3, 'arch': MODEL, 'state_dict': {f'module.{k}': v for k, v in other.state_dict().items()},
+        'state_dict_ema': model.state_dict()}, pth_path)
+    return model, safetensors_path, pth_path
+
+
+# ----- the metric itself -----
+
+def hand_topk(scores: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    hits = 0
+    for row, t in zip(scores.tolist(), target.tolist()):
+        ranked = sorted(range(len(row)), key=lambda c: -row[c])
+        hits += t in ranked[:k]
+    return 100. * hits / len(target)
+
+
+def test_split_accuracies_match_hand_computation():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 64, 7) * 3
+    target = torch.randint(0, 7, (64,))
+    accs = validate.split_accuracies(logits, target)
+    for i in range(3):
+        assert accs[f'member{i}'][0] == pytest.approx(hand_topk(logits[i], target, 1))
+        assert accs[f'member{i}'][1] == pytest.approx(hand_topk(logits[i], target, 5))
+    probs = logits.softmax(-1)
+    hand = {
+        'mean': logits.mean(0), 'max': logits.max(0).values,
+        'softmax_mean': probs.mean(0), 'softmax_max': probs.max(0).values}
+    for manner, scores in hand.items():
+        assert accs[f'ens_{manner}'][0] == pytest.approx(hand_topk(scores, target, 1)), manner
+        assert accs[f'ens_{manner}'][1] == pytest.approx(hand_topk(scores, target, 5)), manner
+    # the manners are the model's own ensembles (SplitNet.combine)
+    model = tiny_model()
+    for manner, (reduce, softmax) in validate.ENSEMBLE_MANNERS.items():
+        model.set_ensemble(reduce, softmax)
+        torch.testing.assert_close(validate.ensemble_output(logits, manner), model.combine(logits))
+    # with fewer than 5 classes top-5 is capped at C (every prediction is a hit)
+    assert validate.split_accuracies(logits[..., :3], target.clamp(max=2))['member0'][1] == 100.
+
+
+# ----- end to end on CIFAR-10 images -----
+
+@pytest.fixture(scope='module')
+def sequential_run(cifar_folder, tiny_weights, tmp_path_factory):
+    """validate.py of the tiny .safetensors weights (sequential members), and its JSON results file."""
+    _, safetensors_path, _ = tiny_weights
+    out = tmp_path_factory.mktemp('results') / 'results.json'
+    results = run_validate(
+        cifar_folder, '--checkpoint', str(safetensors_path), '--results-file', str(out), '--results-format', 'json')
+    return results, out
+
+
+def test_validate_safetensors_metrics(cifar_folder, tiny_weights, sequential_run):
+    model = tiny_weights[0]
+    results, out = sequential_run
+    assert len(results) == 1
+    r = results[0]
+    assert json.loads(out.read_text()) == [dict(r)]
+    for key in ('top1', 'top5', 'top1_err', 'top5_err', 'loss', 'param_count', 'gmacs', 'samples_per_sec',
+                'img_size', 'crop_pct', 'interpolation', 'split_factor', 'split_backend', 'member_avg_top1'):
+        assert key in r, key
+    assert r['model'] == MODEL and r['split_factor'] == 2 and r['split_mode'] == 'sequential'
+    assert r['num_images'] == 100 and r['img_size'] == 32 and r['ensemble'] == 'mean'
+    assert r['param_count'] == pytest.approx(timm_splitnet.count_params(model) / 1e6, abs=1e-4)
+    assert r['gmacs'] == pytest.approx(timm_splitnet.count_macs(model, (3, 32, 32)) / 1e9, abs=1e-4)
+    for name in [f'ens_{m}' for m in MANNERS] + ['member0', 'member1']:
+        assert 0 <= r[f'{name}_top1'] <= r[f'{name}_top5'] <= 100, name
+    assert (r['top1'], r['top5']) == (r['ens_mean_top1'], r['ens_mean_top5'])
+
+    # independent computation from the same images: timm's loader + the loaded model's member logits
+    config = resolve_data_config({}, model=model)
+    loader = create_loader(
+        create_dataset('', root=str(cifar_folder), split='validation'), config['input_size'], 100,
+        interpolation=config['interpolation'], mean=config['mean'], std=config['std'], crop_pct=config['crop_pct'],
+        num_workers=0, device=torch.device('cpu'))
+    images, target = next(iter(loader))
+    with torch.inference_mode():
+        logits = model.forward_members(images)
+    probs = logits.softmax(-1)
+    hand = {'mean': logits.mean(0), 'max': logits.max(0).values, 'softmax_mean': probs.mean(0),
+            'softmax_max': probs.max(0).values, 'member0': logits[0], 'member1': logits[1]}
+    for name, scores in hand.items():
+        key = name if name.startswith('member') else f'ens_{name}'
+        assert r[f'{key}_top1'] == pytest.approx(hand_topk(scores, target, 1), abs=1e-3), name
+        assert r[f'{key}_top5'] == pytest.approx(hand_topk(scores, target, 5), abs=1e-3), name
+    assert r['loss'] == pytest.approx(F.cross_entropy(logits.mean(0), target).item(), abs=1e-3)
+
+
+def test_validate_concurrent_same_accuracies(cifar_folder, tiny_weights, sequential_run):
+    """Members on two CPU "devices" in two threads: the sequential run's accuracies; --ensemble picks top1."""
+    r = sequential_run[0][0]
+    c = run_validate(  # the weights through timm's pretrained path this time
+        cifar_folder, '--pretrained-path', str(tiny_weights[1]), '--devices', 'cpu,cpu', '--ensemble', 'softmax_max')[0]
+    assert c['split_mode'] == 'concurrent' and c['device'] == 'cpu,cpu' and c['ensemble'] == 'softmax_max'
+    assert 'ens_mean_top1' not in c
+    assert (c['top1'], c['top5']) == (c['ens_softmax_max_top1'], c['ens_softmax_max_top5'])
+    for key in ('ens_softmax_max_top1', 'ens_softmax_max_top5', 'member0_top1', 'member0_top5', 'member1_top1',
+                'member1_top5'):
+        assert c[key] == pytest.approx(r[key], abs=1e-3), key
+
+
+def test_validate_pth_tar_ema(cifar_folder, tiny_weights, sequential_run, tmp_path):
+    """A timm train checkpoint (DDP 'module.' keys, EMA weights) through timm's load_checkpoint; CSV results."""
+    r = sequential_run[0][0]
+    out = tmp_path / 'results.csv'
+    ema = run_validate(cifar_folder, '--checkpoint', str(tiny_weights[2]), '--use-ema', '--results-file', str(out))[0]
+    for key in r:
+        if key.endswith(('top1', 'top5')) or key == 'loss':
+            assert ema[key] == pytest.approx(r[key], abs=1e-3), key
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1 and rows[0]['model'] == MODEL and float(rows[0]['top1']) == pytest.approx(ema['top1'])
+
+
+def test_validate_model_list_csv(cifar_folder, tmp_path):
+    out = tmp_path / 'results.csv'
+    results = validate.main([
+        '--data-dir', str(cifar_folder), '--model-list', 'splitnet_resnet110_s1,splitnet_resnet110_s4',
+        '-b', '100', '-j', '0', '--device', 'cpu', '--log-freq', '0', '--results-file', str(out)] + TINY_ARGS)
+    assert [r['model'] for r in results] == ['splitnet_resnet110_s1', 'splitnet_resnet110_s4']
+    rows = list(csv.DictReader(out.open()))
+    assert [r['model'] for r in rows] == ['splitnet_resnet110_s1', 'splitnet_resnet110_s4']
+    assert rows[1]['member3_top1'] != '' and rows[0].get('member3_top1', '') == ''
+
+
+def test_validate_plain_timm_model(cifar_folder):
+    r = run_validate(cifar_folder, '--num-classes', '10', '--img-size', '32', model='resnet18', tiny=False)[0]
+    assert r['model'] == 'resnet18' and 0 <= r['top1'] <= r['top5'] <= 100
+    assert not any(k.startswith(('member', 'ens_', 'split_')) for k in r)
+    assert r['param_count'] == pytest.approx(11.18, abs=0.01) and r['img_size'] == 32
+
+
+# ----- bad input: one clear message, no traceback -----
+
+def expect_error(argv, *fragments):
+    with pytest.raises(SystemExit) as e:
+        validate.main(argv)
+    message = str(e.value.code)
+    assert message.startswith('validate.py: error:'), message
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+def test_validate_bad_inputs(cifar_folder, tiny_weights, tmp_path):
+    _, safetensors_path, _ = tiny_weights
+    base = [str(cifar_folder), '-j', '0', '--device', 'cpu'] + TINY_ARGS
+    expect_error(base + ['--model', 'splitnet_resnet11_s2'], 'unknown model', 'splitnet_resnet110_s2')
+    expect_error([str(cifar_folder), '--model', 'resnet18', '--device', 'tpu'], 'tpu')
+    expect_error([str(cifar_folder), '--model', 'resnet18', '--device', 'cuda:99'], 'cuda:99')
+    expect_error(base + ['--model', MODEL, '--devices', 'cpu,cuda:99'], 'cuda:99')
+    expect_error([str(tmp_path / 'missing'), '--model', MODEL] + TINY_ARGS, 'data dir not found')
+    expect_error(base + ['--model', MODEL, '--split', 'test'], "split 'test' not found", 'train, validation')
+    expect_error(base + ['--model', MODEL, '--checkpoint', str(tmp_path / 'nope.pth.tar')], 'not found')
+    # weights of another S (safetensors) and of another architecture (.pth.tar)
+    s4 = tiny_model('splitnet_resnet110_s4')
+    s4_path = tmp_path / 's4.safetensors'
+    save_safetensors(s4, str(s4_path))
+    expect_error(base + ['--model', MODEL, '--checkpoint', str(s4_path)], 'splitnet_resnet110_s4', 'S=4')
+    expect_error(base + ['--model', MODEL, '--pretrained-path', str(s4_path)], 'splitnet_resnet110_s4')
+    r18_path = tmp_path / 'resnet18.pth.tar'
+    torch.save({'state_dict': timm.create_model('resnet18', num_classes=100).state_dict()}, r18_path)
+    expect_error(base + ['--model', MODEL, '--checkpoint', str(r18_path)], 'do not fit')
+    # a SplitNet checkpoint loaded into a plain timm model: torch's message, shortened
+    expect_error([str(cifar_folder), '-j', '0', '--device', 'cpu', '--model', 'resnet18', '--checkpoint',
+                        str(safetensors_path)], 'could not load')

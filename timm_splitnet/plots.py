@@ -1,0 +1,110 @@
+""" Plots of SplitNet results
+
+`plot_latency`: the paper's latency comparison (Fig. 3 / Fig. 6) from `benchmark.py` result rows: per model, the
+inference latency per image of the undivided network, of the S members run sequentially and of the members run
+concurrently on several devices (and the train step time when the rows have one).
+
+matplotlib is imported lazily with the Agg backend, so importing this module needs no display and no matplotlib.
+
+Hacked together by the timm-splitnet authors
+"""
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ['plot_latency']
+
+_MODE_ORDER = ('undivided', 'single', 'sequential', 'concurrent')
+_MODE_COLORS = {'undivided': '#7f7f7f', 'single': '#7f7f7f', 'sequential': '#1f77b4', 'concurrent': '#d62728'}
+
+
+def _infer_latency(row: Dict[str, Any]) -> Optional[float]:
+    """Median inference latency per image (ms), else the mean step time per image."""
+    if row.get('infer_latency_ms') is not None:
+        return float(row['infer_latency_ms'])
+    if row.get('infer_step_time') is not None and row.get('infer_batch_size'):
+        return float(row['infer_step_time']) / float(row['infer_batch_size'])
+    return None
+
+
+def _train_step(row: Dict[str, Any]) -> Optional[float]:
+    value = row.get('train_step_time_median', row.get('train_step_time'))
+    return None if value is None else float(value)
+
+
+def _legend(row: Dict[str, Any]) -> str:
+    mode = row.get('split_mode') or 'single'
+    devices = row.get('devices') or row.get('device')
+    return f'{mode} ({devices})' if devices else mode
+
+
+def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[str] = None) -> str:
+    """Draw latency bars per model and split mode (undivided / sequential / concurrent) and save them to `path`.
+
+    Args:
+        results: `benchmark.py` result rows (`group` or `model`, `split_mode`, `infer_latency_ms` or
+            `infer_step_time` + `infer_batch_size`, optionally `train_step_time[_median]`). Rows with an `error`
+            are skipped.
+        path: Output image file; the format follows the extension (png, pdf, svg).
+        title: Figure title (default: batch size and precision-free summary of the rows).
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: No row has a latency to plot.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if not r.get('error')]
+    panels = []
+    if any(_infer_latency(r) is not None for r in rows):
+        panels.append(('inference latency per image (ms)', _infer_latency))
+    if any(_train_step(r) is not None for r in rows):
+        panels.append(('train step time (ms)', _train_step))
+    if not panels:
+        raise ValueError('No latency results to plot (expected benchmark rows with infer_* or train_* times).')
+
+    groups: Dict[str, List[Dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get('group') or r.get('model')), []).append(r)
+    for members in groups.values():
+        members.sort(key=lambda r: _MODE_ORDER.index(r.get('split_mode')) if r.get('split_mode') in _MODE_ORDER else 9)
+    max_bars = max(len(m) for m in groups.values())
+
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(max(6., 1.6 + len(groups) * (0.9 + 0.55 * max_bars)) * len(panels), 4.8),
+        squeeze=False)
+    width = 0.8 / max_bars
+    for ax, (ylabel, value_fn) in zip(axes[0], panels):
+        seen_labels = set()
+        for gi, (group, members) in enumerate(groups.items()):
+            offset = (len(members) - 1) / 2
+            for bi, r in enumerate(members):
+                value = value_fn(r)
+                if value is None:
+                    continue
+                mode = r.get('split_mode') or 'single'
+                x = gi + (bi - offset) * width
+                legend = _legend(r)
+                bar = ax.bar(
+                    x, value, width * 0.92, color=_MODE_COLORS.get(mode, '#2ca02c'),
+                    label=legend if legend not in seen_labels else None)
+                seen_labels.add(legend)
+                s = r.get('split_factor')
+                ax.bar_label(bar, labels=[f'{value:.3g}' + (f'\nS={s}' if s else '')], fontsize=7, padding=2)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(list(groups), rotation=15, ha='right', fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.margins(y=0.15)
+        ax.grid(axis='y', alpha=0.3)
+        ax.legend(fontsize=8)
+    if title is None:
+        batch = sorted({r.get('infer_batch_size') or r.get('train_batch_size') for r in rows} - {None})
+        title = 'SplitNet latency: undivided vs sequential vs concurrent members' + (
+            f' (batch {", ".join(str(b) for b in batch)})' if batch else '')
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

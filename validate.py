@@ -1,0 +1,601 @@
+#!/usr/bin/env python3
+""" SplitNet validation script
+
+Validates SplitNet (and plain timm) classifiers on a folder or a timm dataset. For a SplitNet one pass computes the
+member logits once and derives the top-1/top-5 accuracy of every member and of the ensemble under the four manners
+of the paper's Table 9 (mean / max of logits, mean / max of softmax probabilities).
+
+    python validate.py --data-dir /data/cifar100 --model splitnet_wrn28_10_s4 --checkpoint model_best.pth.tar
+    python validate.py --data-dir /data/imagenet --model splitnet_resnet50_s2 --pretrained \\
+        --pretrained-path resnet50_s2.safetensors --amp --devices cuda:0,cuda:1
+
+Flags follow timm's `validate.py` where timm has the flag. `--devices` places member i on device i mod n and runs the
+members concurrently (`timm_splitnet.concurrent.ConcurrentMembers`); accuracies are the same as sequential.
+
+Hacked together by the timm-splitnet authors
+"""
+import argparse
+import csv
+import difflib
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm
+from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.models import load_checkpoint
+from timm.utils import AverageMeter, ParseKwargs, accuracy, setup_default_logging
+
+import timm_splitnet  # noqa: F401  registers the splitnet_* models
+from timm_splitnet import SplitNet, count_macs, count_params, load_safetensors
+from timm_splitnet.concurrent import ConcurrentMembers, parse_devices, resolve_device
+
+_logger = logging.getLogger('validate')
+
+# Table 9 manners: name -> (reduction over members, on softmax probabilities)
+ENSEMBLE_MANNERS = OrderedDict([
+    ('mean', ('mean', False)),
+    ('max', ('max', False)),
+    ('softmax_mean', ('mean', True)),
+    ('softmax_max', ('max', True)),
+])
+_MANNER_LABELS = {
+    'mean': 'logits + mean', 'max': 'logits + max', 'softmax_mean': 'softmax + mean', 'softmax_max': 'softmax + max'}
+
+
+_SPLIT_SYNONYMS = (
+    {'train', 'training'},
+    {'validation', 'valid', 'val', 'eval', 'evaluation'},
+    {'test'},
+)
+_SPLIT_FOLDERS = set().union(*_SPLIT_SYNONYMS)
+
+
+class CliError(Exception):
+    """Bad input on the command line: reported as one message and a non-zero exit, without a traceback."""
+
+
+parser = argparse.ArgumentParser(description='SplitNet / timm ImageNet-style validation')
+parser.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (root dir)')
+parser.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+parser.add_argument('--dataset', metavar='NAME', default='',
+                    help='dataset type + name ("<type>/<name>") (default: ImageFolder or ImageTar if empty)')
+parser.add_argument('--split', metavar='NAME', default='validation', help='dataset split (default: validation)')
+parser.add_argument('--dataset-download', action='store_true', default=False,
+                    help='allow download of dataset for torch/ and tfds/ datasets that support it')
+parser.add_argument('--class-map', default='', type=str, metavar='FILENAME',
+                    help='path to class to idx mapping file (default: "")')
+parser.add_argument('--model', '-m', metavar='NAME', default=None,
+                    help='model architecture, or a wildcard (e.g. "splitnet_resnet110_s*") for several models')
+parser.add_argument('--model-list', metavar='FILE_OR_NAMES', default='',
+                    help='file with one model name per line, or a comma separated list of names / wildcards')
+parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                    help='extra model kwargs, e.g. --model-kwargs drop_rate=0.1')
+parser.add_argument('--pretrained', dest='pretrained', action='store_true',
+                    help='use pretrained weights (of the pretrained cfg or of --pretrained-path)')
+parser.add_argument('--pretrained-path', default=None, type=str, metavar='FILE',
+                    help='load pretrained weights from this local file (pretrained_cfg_overlay=dict(file=...))')
+parser.add_argument('--checkpoint', default='', type=str, metavar='PATH',
+                    help='path to a checkpoint (.pth.tar / .pth from timm train scripts, or .safetensors)')
+parser.add_argument('--use-ema', dest='use_ema', action='store_true',
+                    help='use the EMA weights (state_dict_ema) of a .pth.tar checkpoint')
+parser.add_argument('--num-classes', type=int, default=None, help='number classes in dataset')
+parser.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='number of data loading workers')
+parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='mini-batch size (default: 256)')
+parser.add_argument('--img-size', default=None, type=int, metavar='N', help='input image dimension, uses model default')
+parser.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
+                    help='input all image dimensions (d h w, e.g. --input-size 3 224 224), uses model default')
+parser.add_argument('--crop-pct', default=None, type=float, metavar='N', help='input image center crop pct')
+parser.add_argument('--crop-mode', default=None, type=str, metavar='N', help='input image crop mode (center, squash)')
+parser.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override mean pixel value')
+parser.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override std deviation')
+parser.add_argument('--interpolation', default='', type=str, metavar='NAME', help='image resize interpolation type')
+parser.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
+parser.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in the DataLoader')
+parser.add_argument('--log-freq', default=10, type=int, metavar='N', help='batch logging frequency (default: 10)')
+parser.add_argument('--device', default=None, type=str,
+                    help='device (default: cuda if available, else cpu)')
+parser.add_argument('--devices', default='', type=str, metavar='DEV[,DEV...]',
+                    help='run SplitNet members concurrently, member i on device i mod n (e.g. cuda:0,cuda:1)')
+parser.add_argument('--streams', action='store_true', default=False,
+                    help='with --devices: every device slot runs on its own CUDA stream')
+parser.add_argument('--amp', action='store_true', default=False, help='use automatic mixed precision (autocast)')
+parser.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (float16, bfloat16)')
+parser.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                    help='enable compilation w/ specified backend (default: inductor)')
+parser.add_argument('--ensemble', default='all', choices=['all'] + list(ENSEMBLE_MANNERS),
+                    help='ensemble manner of top1/top5 (all: the model\'s configured manner, plus all four reported)')
+parser.add_argument('--split-backend', default=None, type=str, help='SplitNet member execution backend (e.g. loop)')
+parser.add_argument('--results-file', default='', type=str, metavar='FILENAME', help='output results file')
+parser.add_argument('--results-format', default='csv', type=str, choices=['csv', 'json'],
+                    help='format for results file (default: csv)')
+
+
+# ----- helpers shared with benchmark.py -----
+
+def is_wildcard(name: str) -> bool:
+    return any(c in name for c in '*?[')
+
+
+def expand_model_names(model: Optional[str] = None, model_list: str = '') -> List[str]:
+    """Model names of `--model` and `--model-list` (file or comma list), wildcards expanded with timm.list_models.
+
+    Raises:
+        CliError: No model given, or a wildcard matches nothing.
+    """
+    names = []
+    if model_list:
+        if os.path.isfile(model_list):
+            with open(model_list) as f:
+                names += [line.strip() for line in f if line.strip() and not line.strip().startswith('#')]
+        else:
+            names += [n.strip() for n in model_list.split(',') if n.strip()]
+    if model:
+        names.append(model)
+    if not names:
+        raise CliError('no model given: use --model NAME (or a wildcard) or --model-list FILE_OR_NAMES.')
+    out = []
+    for name in names:
+        if is_wildcard(name):
+            matches = timm.list_models(name)
+            if not matches:
+                raise CliError(f'no registered model matches {name!r}.')
+            out += matches
+        else:
+            out.append(name)
+    return list(dict.fromkeys(out))
+
+
+def check_model_name(name: str) -> None:
+    """Raise a CliError listing close matches when `name` is not a registered timm model."""
+    if ':' in name or timm.is_model(name):  # hf-hub:, local-dir: ... are resolved by timm
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+    hint = f' Did you mean: {", ".join(close)}?' if close else ' See timm.list_models() (or "splitnet_*").'
+    raise CliError(f'unknown model {name!r}.{hint}')
+
+
+def create_model_checked(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """`timm.create_model` with bad names and bad kwargs reported as a CliError."""
+    check_model_name(name)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
+        raise CliError(f'could not create model {name!r}: {e}') from e
+
+
+def set_split_backend(model: nn.Module, backend: Optional[str]) -> Optional[str]:
+    """Select the member execution backend of a SplitNet; returns the backend name (None for plain models)."""
+    if not isinstance(model, SplitNet):
+        if backend not in (None, '', 'loop'):
+            _logger.warning(f'--split-backend {backend} ignored: {type(model).__name__} is not a SplitNet.')
+        return None
+    if backend:
+        try:
+            model.set_split_backend(backend)
+        except ValueError as e:
+            raise CliError(str(e)) from e
+    return str(model.split_backend)
+
+
+def model_gmacs(
+        name: str,
+        input_size: Sequence[int],
+        model: Optional[nn.Module] = None,
+        **kwargs,
+) -> Optional[float]:
+    """Giga multiply-adds per image of `name`, counted on a copy built on the meta device (no memory, no compute).
+
+    Falls back to counting on `model` when the meta build fails; returns None if neither works.
+    """
+    if model is not None and getattr(model, 'num_classes', None):
+        kwargs.setdefault('num_classes', model.num_classes)  # e.g. the head of --pretrained-path weights
+    try:
+        with torch.device('meta'):
+            meta_model = timm.create_model(name, pretrained=False, **kwargs)
+        return round(count_macs(meta_model, tuple(input_size)) / 1e9, 4)
+    except Exception as e:  # some models cannot run on meta tensors
+        _logger.debug(f'MAC count on the meta device failed for {name}: {e}')
+    if model is None:
+        return None
+    try:
+        return round(count_macs(model, tuple(input_size)) / 1e9, 4)
+    except Exception as e:
+        _logger.warning(f'could not count MACs of {name}: {e}')
+        return None
+
+
+def resolve_device_checked(device: Optional[str]) -> torch.device:
+    """The `--device` (default: cuda if available, else cpu), checked to exist."""
+    if not device:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        return resolve_device(device)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+def parse_devices_checked(devices: str) -> List[torch.device]:
+    try:
+        return parse_devices(devices)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+
+
+def resolve_amp_dtype(name: str) -> torch.dtype:
+    dtypes = {'float16': torch.float16, 'half': torch.float16, 'bfloat16': torch.bfloat16}
+    if name not in dtypes:
+        raise CliError(f'unknown --amp-dtype {name!r}, expected float16 or bfloat16.')
+    return dtypes[name]
+
+
+def write_results(results_file: str, results: List[Dict[str, Any]], format: str = 'csv') -> None:
+    """Write result rows as JSON (a list) or CSV (one row per result, columns = union of keys in order)."""
+    directory = os.path.dirname(os.path.abspath(results_file))
+    os.makedirs(directory, exist_ok=True)
+    with open(results_file, mode='w', newline='') as f:
+        if format == 'json':
+            json.dump(results, f, indent=4)
+        else:
+            keys = list(dict.fromkeys(k for r in results for k in r))
+            dw = csv.DictWriter(f, fieldnames=keys, restval='')
+            dw.writeheader()
+            for r in results:
+                dw.writerow(r)
+
+
+def splitnet_info(model: nn.Module) -> Dict[str, Any]:
+    """split_factor / split_backend / member / ensemble of a SplitNet (empty for plain models)."""
+    if not isinstance(model, SplitNet):
+        return {}
+    return dict(
+        split_factor=model.split_factor,
+        split_backend=str(model.split_backend),
+        member=model.member_name,
+        ensemble=('softmax_' if model.ensemble_softmax else '') + model.ensemble,
+    )
+
+
+# ----- metrics -----
+
+def ensemble_output(logits: torch.Tensor, manner: str) -> torch.Tensor:
+    """Combine member logits [S, B, C] into [B, C] under a Table 9 manner (see `ENSEMBLE_MANNERS`)."""
+    reduce, softmax = ENSEMBLE_MANNERS[manner]
+    x = logits.float().softmax(dim=-1) if softmax else logits.float()
+    return x.mean(0) if reduce == 'mean' else x.amax(0)
+
+
+def split_accuracies(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        manners: Sequence[str] = tuple(ENSEMBLE_MANNERS),
+        topk: Sequence[int] = (1, 5),
+) -> Dict[str, List[float]]:
+    """Top-k accuracies (%) of every member and of the ensemble under each manner, from one set of logits.
+
+    Args:
+        logits: Member logits [S, B, C].
+        target: Class indices [B].
+        manners: Ensemble manners to evaluate (keys of `ENSEMBLE_MANNERS`).
+        topk: The k of the accuracies (capped at C).
+
+    Returns:
+        {'member0': [top1, top5], ..., 'ens_mean': [...], 'ens_max': [...], ...}.
+    """
+    topk = tuple(min(k, logits.shape[-1]) for k in topk)
+    out = OrderedDict()
+    for name in manners:
+        out[f'ens_{name}'] = [a.item() for a in accuracy(ensemble_output(logits, name), target, topk=topk)]
+    for i in range(logits.shape[0]):
+        out[f'member{i}'] = [a.item() for a in accuracy(logits[i].float(), target, topk=topk)]
+    return out
+
+
+def ensemble_loss(output: torch.Tensor, target: torch.Tensor, softmax: bool) -> torch.Tensor:
+    """Cross-entropy of an ensemble output: of logits, or of (renormalised) probabilities."""
+    if not softmax:
+        return F.cross_entropy(output.float(), target)
+    probs = output.float()
+    probs = probs / probs.sum(-1, keepdim=True)
+    return F.nll_loss(probs.clamp_min(1e-12).log(), target)
+
+
+# ----- validation -----
+
+def load_weights(model: nn.Module, checkpoint: str, use_ema: bool = False) -> None:
+    """Load a .pth.tar / .pth (timm's loader, EMA with use_ema) or a .safetensors file, errors as CliError."""
+    if not os.path.isfile(checkpoint):
+        raise CliError(f'checkpoint file not found: {checkpoint}')
+    try:
+        if checkpoint.endswith('.safetensors') and isinstance(model, SplitNet):
+            if use_ema:
+                _logger.warning('--use-ema ignored: a .safetensors file holds one set of weights.')
+            load_safetensors(model, checkpoint)
+        else:
+            load_checkpoint(model, checkpoint, use_ema=use_ema)
+    except ValueError as e:
+        raise CliError(str(e)) from e
+    except (RuntimeError, KeyError, OSError) as e:
+        lines = str(e).strip().splitlines()
+        detail = ' '.join(line.strip() for line in lines[:4]) + (' ...' if len(lines) > 4 else '')
+        raise CliError(f'could not load {checkpoint} into {type(model).__name__}: {detail}') from e
+
+
+def check_data_root(args) -> str:
+    """The dataset root; for folder datasets it must exist (checked before any model is built)."""
+    root = args.data_dir or args.data
+    if not args.dataset or args.dataset.startswith(('folder', 'imagefolder', 'tar')):
+        if not root:
+            raise CliError('no dataset given: pass the data folder as DIR or --data-dir DIR.')
+        if not os.path.exists(root):
+            raise CliError(f'data dir not found: {root}')
+        if os.path.isdir(root):
+            # timm falls back to the root itself when the split folder is missing: the split folders would become
+            # classes, so a root with split folders must have the requested one (or one of its synonyms)
+            present = {d for d in os.listdir(root) if d in _SPLIT_FOLDERS and os.path.isdir(os.path.join(root, d))}
+            split = args.split.split('[')[0]
+            synonyms = next((group for group in _SPLIT_SYNONYMS if split in group), {split})
+            if present and not present & synonyms:
+                raise CliError(f'split {args.split!r} not found in {root} (it has {", ".join(sorted(present))}).')
+    return root
+
+
+def _create_loader(args, data_config: Dict[str, Any], device: torch.device):
+    root = check_data_root(args)
+    try:
+        dataset = create_dataset(
+            name=args.dataset,
+            root=root,
+            split=args.split,
+            download=args.dataset_download,
+            load_bytes=False,
+            class_map=args.class_map,
+        )
+    except (RuntimeError, FileNotFoundError, ValueError, AssertionError) as e:
+        raise CliError(f'could not read dataset {args.dataset or "folder"} at {root} (split {args.split}): {e}') from e
+    if len(dataset) == 0:
+        raise CliError(f'no images in {root} (split {args.split}).')
+    loader = create_loader(
+        dataset,
+        input_size=data_config['input_size'],
+        batch_size=args.batch_size,
+        use_prefetcher=not args.no_prefetcher,
+        interpolation=data_config['interpolation'],
+        mean=data_config['mean'],
+        std=data_config['std'],
+        num_workers=args.workers,
+        crop_pct=data_config['crop_pct'],
+        crop_mode=data_config.get('crop_mode'),
+        pin_memory=args.pin_mem,
+        device=device,
+    )
+    return dataset, loader
+
+
+def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
+    """Validate one model; returns the result row (an OrderedDict)."""
+    model_name = model_name or args.model
+    devices = parse_devices_checked(args.devices) if args.devices else None
+    device = devices[0] if devices else resolve_device_checked(args.device)
+    amp_dtype = resolve_amp_dtype(args.amp_dtype) if args.amp else None
+
+    kwargs = dict(args.model_kwargs or {})
+    if args.num_classes is not None:
+        kwargs['num_classes'] = args.num_classes
+    pretrained = args.pretrained or bool(args.pretrained_path)
+    create_kwargs = dict(kwargs)
+    if args.pretrained_path:
+        if not os.path.isfile(args.pretrained_path):
+            raise CliError(f'pretrained weights file not found: {args.pretrained_path}')
+        create_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
+    model = create_model_checked(model_name, pretrained=pretrained, **create_kwargs)
+    if args.checkpoint:
+        load_weights(model, args.checkpoint, args.use_ema)
+    is_split = isinstance(model, SplitNet)
+    if is_split and args.ensemble != 'all':
+        reduce, softmax = ENSEMBLE_MANNERS[args.ensemble]
+        model.set_ensemble(reduce, softmax)
+    split_backend = set_split_backend(model, args.split_backend)
+    if devices and not is_split:
+        raise CliError(f'--devices needs a SplitNet model, {model_name} is a {type(model).__name__}.')
+
+    param_count = count_params(model)
+    data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=True)
+    gmacs = model_gmacs(model_name, data_config['input_size'], model=model, **kwargs)
+    _logger.info(f'Model {model_name} created, param count: {param_count}, GMACs: {gmacs}')
+
+    dataset, loader = _create_loader(args, data_config, device)
+    num_classes = getattr(model, 'num_classes', None)
+    dataset_classes = len(getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or {}) or None
+    if num_classes and dataset_classes and dataset_classes > num_classes:
+        raise CliError(f'the dataset has {dataset_classes} classes but {model_name} predicts {num_classes}; '
+                       f'set --num-classes (and load weights with that head).')
+
+    model.eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    runner = None
+    if devices:
+        runner = ConcurrentMembers(model, devices, amp_dtype=amp_dtype, streams=args.streams)
+        _logger.info(f'Concurrent members: {runner}')
+        forward = runner.forward_members
+        if args.torchcompile:
+            _logger.warning('--torchcompile is not applied with --devices (concurrent members).')
+    else:
+        model.to(device)
+        forward = model.forward_members if is_split else model
+        if args.torchcompile:
+            forward = torch.compile(forward, backend=args.torchcompile)
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if amp_dtype else nullcontext
+
+    configured = splitnet_info(model).get('ensemble')
+    manners = list(ENSEMBLE_MANNERS) if args.ensemble == 'all' else [args.ensemble]
+    batch_time = AverageMeter()
+    losses = AverageMeter()
+    meters: Dict[str, List[AverageMeter]] = OrderedDict()
+    top1 = AverageMeter()
+    top5 = AverageMeter()
+    num_images = 0
+    start = end = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for batch_idx, (images, target) in enumerate(loader):
+                if args.no_prefetcher:
+                    images = images.to(device)
+                    target = target.to(device)
+                if args.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with amp_autocast():
+                    out = forward(images)
+                batch_size = images.shape[0]
+                if is_split:
+                    accs = split_accuracies(out, target, manners)
+                    for key, values in accs.items():
+                        meters.setdefault(key, [AverageMeter(), AverageMeter()])
+                        for meter, value in zip(meters[key], values):
+                            meter.update(value, batch_size)
+                    output = ensemble_output(out, configured)
+                    acc1, acc5 = accs[f'ens_{configured}']
+                    loss = ensemble_loss(output, target, softmax=configured.startswith('softmax'))
+                else:
+                    output = out
+                    acc1, acc5 = [a.item() for a in accuracy(output, target, topk=(1, min(5, output.shape[-1])))]
+                    loss = F.cross_entropy(output.float(), target)
+                losses.update(loss.item(), batch_size)
+                top1.update(acc1, batch_size)
+                top5.update(acc5, batch_size)
+                num_images += batch_size
+                now = time.perf_counter()
+                batch_time.update(now - end)
+                end = now
+                if args.log_freq and (batch_idx % args.log_freq == 0 or batch_idx == len(loader) - 1):
+                    _logger.info(
+                        f'Test: [{batch_idx:>4d}/{len(loader)}]  '
+                        f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {batch_size / batch_time.avg:>7.2f}/s)  '
+                        f'Loss: {losses.val:>7.4f} ({losses.avg:>6.4f})  '
+                        f'Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  '
+                        f'Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})')
+    finally:
+        if runner is not None:
+            runner.close()
+    elapsed = time.perf_counter() - start
+
+    results = OrderedDict(model=model_name)
+    results['top1'] = round(top1.avg, 4)
+    results['top1_err'] = round(100 - top1.avg, 4)
+    results['top5'] = round(top5.avg, 4)
+    results['top5_err'] = round(100 - top5.avg, 4)
+    results['loss'] = round(losses.avg, 4)
+    if is_split:
+        results['ensemble'] = configured
+        for key, (m1, m5) in meters.items():
+            results[f'{key}_top1'] = round(m1.avg, 4)
+            results[f'{key}_top5'] = round(m5.avg, 4)
+        member_top1 = [meters[f'member{i}'][0].avg for i in range(model.split_factor)]
+        results['member_avg_top1'] = round(sum(member_top1) / len(member_top1), 4)
+    results['param_count'] = round(param_count / 1e6, 4)
+    results['gmacs'] = gmacs
+    results['samples_per_sec'] = round(num_images / elapsed, 2) if elapsed > 0 else None
+    results['num_images'] = num_images
+    results['img_size'] = data_config['input_size'][-1]
+    results['crop_pct'] = data_config['crop_pct']
+    results['interpolation'] = data_config['interpolation']
+    if is_split:
+        results['split_factor'] = model.split_factor
+        results['split_backend'] = split_backend
+        results['split_mode'] = 'concurrent' if devices else 'sequential'
+    results['device'] = ','.join(str(d) for d in devices) if devices else str(device)
+    if args.checkpoint:
+        results['checkpoint'] = args.checkpoint
+    _logger.info(
+        f' * Acc@1 {results["top1"]:.3f} ({results["top1_err"]:.3f}) Acc@5 {results["top5"]:.3f} '
+        f'({results["top5_err"]:.3f})')
+    return results
+
+
+def format_results(results: Dict[str, Any]) -> str:
+    """A readable table of one result row: ensemble manners and members, then the model facts."""
+    lines = [f'{results["model"]}  ({results.get("num_images")} images, {results.get("img_size")} px, '
+             f'crop {results.get("crop_pct")}, {results.get("interpolation")})']
+    lines.append(f'  {"":<28} {"top1":>8} {"top5":>8}')
+    configured = results.get('ensemble')
+    if configured is None:
+        lines.append(f'  {"model":<28} {results["top1"]:>8.3f} {results["top5"]:>8.3f}')
+    else:
+        for manner in ENSEMBLE_MANNERS:
+            if f'ens_{manner}_top1' in results:
+                mark = ' *' if manner == configured else ''
+                label = f'ensemble {_MANNER_LABELS[manner]}{mark}'
+                lines.append(f'  {label:<28} {results[f"ens_{manner}_top1"]:>8.3f} '
+                             f'{results[f"ens_{manner}_top5"]:>8.3f}')
+        i = 0
+        while f'member{i}_top1' in results:
+            lines.append(f'  {f"member {i}":<28} {results[f"member{i}_top1"]:>8.3f} {results[f"member{i}_top5"]:>8.3f}')
+            i += 1
+        lines.append(f'  (* = top1/top5, the model\'s ensemble manner; member average top1 '
+                     f'{results["member_avg_top1"]:.3f})')
+    lines.append(
+        f'  loss {results["loss"]:.4f}  params {results["param_count"]:.3f} M  GMACs {results["gmacs"]}  '
+        f'{results["samples_per_sec"]} img/s' +
+        (f'  S={results["split_factor"]} {results["split_mode"]} ({results["device"]})'
+         if 'split_factor' in results else f'  ({results["device"]})'))
+    return '\n'.join(lines)
+
+
+def setup_logging() -> None:
+    """timm's default logging, unless the process (e.g. pytest) configured logging already."""
+    if not logging.getLogger().handlers:
+        setup_default_logging()
+
+
+def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
+    """Command line entry point; returns the result rows (raises SystemExit with a message on bad input)."""
+    setup_logging()
+    args = parser.parse_args(argv)
+    try:
+        model_names = expand_model_names(args.model, args.model_list)
+        if len(model_names) > 1 and args.checkpoint:
+            raise CliError('--checkpoint applies to a single model, but several models were given.')
+        check_data_root(args)
+        if len(model_names) == 1:
+            results = [validate(args, model_names[0])]
+            print(format_results(results[0]))
+        else:
+            results = []
+            for name in model_names:
+                try:
+                    results.append(validate(args, name))
+                    print(format_results(results[-1]))
+                except CliError as e:
+                    _logger.error(f'{name}: {e}')
+                    results.append(OrderedDict(model=name, error=str(e)))
+    except CliError as e:
+        raise SystemExit(f'validate.py: error: {e}')
+    if args.results_file:
+        write_results(args.results_file, results, format=args.results_format)
+    if len(results) > 1:
+        print(f'{"model":<36} {"top1":>8} {"top5":>8} {"params(M)":>10} {"GMACs":>8}')
+        for r in results:
+            if 'error' in r:
+                print(f'{r["model"]:<36} error: {r["error"]}')
+            else:
+                print(f'{r["model"]:<36} {r["top1"]:>8.3f} {r["top5"]:>8.3f} {r["param_count"]:>10.3f} '
+                      f'{r["gmacs"] if r["gmacs"] is not None else "-":>8}')
+    print(f'--result\n{json.dumps(results, indent=4)}')
+    if any('error' in r for r in results):
+        raise SystemExit(1)
+    return results
+
+
+if __name__ == '__main__':
+    main()
