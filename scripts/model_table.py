@@ -4,8 +4,10 @@
     python scripts/model_table.py                  # print the markdown table
     python scripts/model_table.py --update README.md  # replace the table between the model-table markers
 
-Counts are taken on the meta device (no memory, a few seconds); GMACs are multiply-adds per image at the
-resolution of the pretrained cfg (CIFAR 32 px, ImageNet 224 px), 100 / 1000 classes.
+Counts are taken on the meta device (no memory). Where the paper reports the model, it is counted with the paper's
+number of classes and resolution (and with BN running statistics where the paper's count includes them); otherwise
+with its pretrained cfg (CIFAR: 32 px, 100 classes; ImageNet: 224 px, 1000 classes). GMACs are multiply-adds per
+image, the paper's "GFLOPs".
 """
 import argparse
 import re
@@ -23,32 +25,29 @@ from timm_splitnet.splitnet import REGISTERED_SPLIT_FACTORS, splitnet_name
 START, END = '<!-- model-table:start -->', '<!-- model-table:end -->'
 
 
-def paper_value(arch: str, split_factor: int, img_size: int, num_classes: int):
-    for e in PAPER_TABLE:
-        if (e.arch, e.split_factor, e.img_size, e.num_classes) == (arch, split_factor, img_size, num_classes):
-            return e
-    return None
+def paper_value(arch: str, split_factor: int):
+    """The paper's row for (arch, S): CIFAR-100 before CIFAR-10, as in the paper's Table 2 / 3 order."""
+    return next((e for e in PAPER_TABLE if (e.arch, e.split_factor) == (arch, split_factor)), None)
 
 
 def model_table() -> str:
     lines = [
-        '| architecture | S | registered name | params (M) | GMACs | paper params (M) | paper GFLOPs |',
-        '|---|---|---|---|---|---|---|',
+        '| architecture | S | registered name | classes | px | params (M) | GMACs | paper params (M) | paper GFLOPs |',
+        '|---|---|---|---|---|---|---|---|---|',
     ]
     for arch, spec in SPLIT_ARCHS.items():
         for s in REGISTERED_SPLIT_FACTORS:
             name = splitnet_name(arch, s)
+            paper = paper_value(arch, s)
             with torch.device('meta'):
-                model = timm.create_model(name)
-            size = model.pretrained_cfg['input_size']
-            params = count_params(model) / 1e6
+                model = timm.create_model(name, **(dict(num_classes=paper.num_classes) if paper else {}))
+            size = (3, paper.img_size, paper.img_size) if paper else model.pretrained_cfg['input_size']
+            params = count_params(model, include_buffers=bool(paper and paper.with_buffers)) / 1e6
             gmacs = count_macs(model, size) / 1e9
-            paper = paper_value(arch, s, size[-1], model.num_classes)
-            paper_p = f'{paper.params_m:g}' if paper else '–'
-            paper_f = f'{paper.gflops:g}' if paper else '–'
+            paper_cells = f'{paper.params_m:g} | {paper.gflops:g}' if paper else '– | –'
             lines.append(
-                f'| {spec.description} ({size[-1]} px) | {s} | `{name}` | {params:.2f} | {gmacs:.2f} | '
-                f'{paper_p} | {paper_f} |')
+                f'| {spec.description} | {s} | `{name}` | {model.num_classes} | {size[-1]} | {params:.2f} | '
+                f'{gmacs:.2f} | {paper_cells} |')
     return '\n'.join(lines)
 
 
