@@ -132,6 +132,7 @@ class PyramidBottleneck(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         out_chs = planes * self.expansion
         self.out_chs = out_chs
+        self.pad = out_chs - in_chs  # zero channels appended to the shortcut (a Python int: FX-traceable)
         self.bn1 = norm_layer(in_chs, **dd)
         self.conv1 = nn.Conv2d(in_chs, planes, kernel_size=1, bias=False, **dd)
         self.bn2 = norm_layer(planes, **dd)
@@ -147,9 +148,8 @@ class PyramidBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = self.downsample(x)
-        pad = self.out_chs - shortcut.shape[1]
-        if pad > 0:
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, pad))
+        if self.pad > 0:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.pad))
 
         x = self.bn1(x)
         x = self.conv1(x)

@@ -1,0 +1,343 @@
+"""Execution backends: 'packed' / 'vmap' / 'auto' give the loop's outputs, gradients and BN statistics (CPU)."""
+import copy
+import io
+import logging
+
+import pytest
+import torch
+
+import timm
+import timm_splitnet  # noqa: F401 (registers the SplitNet and CIFAR models)
+from timm_splitnet import SplitNet
+from timm_splitnet import backends as bk
+
+
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast, and immune to OpenMP spinning on a loaded CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# small instances of every family the packed backend runs: (member, S, member kwargs)
+PACKED_FAMILIES = {
+    'test_resnet': ('test_resnet', 2, {}),
+    'resnet_deep_avgdown_se_grouped': (
+        'resnet26d', 2, dict(stem_width=8, channels=(8, 16, 16, 16), cardinality=2, base_width=16,
+                             block_args=dict(attn_layer='se'))),
+    'test_efficientnet': ('test_efficientnet', 2, {}),
+    'efficientnet_tf_same_padding': ('test_efficientnet', 2, dict(pad_type='same')),
+    'resnet110_cifar': ('resnet110_cifar', 2, dict(stem_width=4)),
+    'wrn16_8_cifar': ('wrn16_8_cifar', 4, dict(widen_factor=1)),
+    'seresnet110_cifar': ('seresnet110_cifar', 2, dict(stem_width=4)),
+    'resnext29_8x64d_cifar': ('resnext29_8x64d_cifar', 2, dict(stem_width=8, cardinality=2, base_width=16)),
+    'densenet_bc190_cifar': ('densenet_bc190_cifar', 2, dict(growth_rate=4, block_config=(2, 2, 2))),
+}
+
+
+def make_pair(member, split_factor, member_kwargs, backend='packed', num_classes=5, dtype=torch.float64, **kwargs):
+    """A SplitNet on `backend` and a loop SplitNet with identical weights.
+
+    float64 by default: the backends compute the same sums in another order, which deep float32 nets with random BN
+    parameters amplify into visible differences, while in float64 packed and loop agree to ~1e-15.
+    """
+    torch.manual_seed(0)
+    model = SplitNet(member, split_factor, member_kwargs=member_kwargs, num_classes=num_classes, **kwargs).to(dtype)
+    ref = SplitNet(member, split_factor, member_kwargs=member_kwargs, num_classes=num_classes, **kwargs).to(dtype)
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():  # non-trivial BN affine params and classifier so that every path shows in the outputs
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            if p.ndim == 1 or 'fc' in name or 'classifier' in name:
+                p.normal_(0.5 if name.endswith('weight') and p.ndim == 1 else 0., 0.3)
+                q.copy_(p)
+    model.set_split_backend(backend)
+    return model, ref
+
+
+def assert_close(a, b, rtol=1e-9, what=''):
+    scale = b.abs().max().clamp_min(1e-6)
+    err = ((a - b).abs().max() / scale).item()
+    assert err < rtol, f'{what}: relative error {err:.2e}'
+
+
+def inputs(split_factor, shared, batch=4, size=32, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, 3 if shared else 3 * split_factor, size, size, generator=g).to(dtype)
+
+
+# ----- packed == loop -----
+
+@pytest.mark.parametrize('family', list(PACKED_FAMILIES))
+def test_packed_matches_loop(family):
+    member, split_factor, kwargs = PACKED_FAMILIES[family]
+    model, ref = make_pair(member, split_factor, kwargs)
+    assert model.split_backend.supports(model, [inputs(split_factor, True)] * split_factor), family
+    params = dict(model.named_parameters())
+    ref_params = dict(ref.named_parameters())
+    # train: outputs, gradients of every member parameter, and BN statistics over a few steps, both input kinds
+    model.train()
+    ref.train()
+    for step, shared in enumerate((False, True, False)):
+        x = inputs(split_factor, shared, batch=4 + step)
+        out, ref_out = model(x), ref(x)
+        assert out.shape == ref_out.shape == (split_factor, x.shape[0], 5)
+        assert_close(out, ref_out, what=f'{family} train output (shared={shared})')
+        w = torch.randn_like(out)
+        (out * w).sum().backward()
+        (ref_out * w).sum().backward()
+        # per-tensor relative error, floored at 1e-6 of the largest gradient (some BN biases get ~0 gradients)
+        floor = 1e-6 * max(q.grad.abs().max().item() for q in ref_params.values() if q.grad is not None)
+        for name, p in params.items():
+            q = ref_params[name]
+            if q.grad is None:
+                assert p.grad is None or not p.grad.any(), name
+                continue
+            assert p.grad is not None, f'{family}: no gradient for {name}'
+            err = (p.grad - q.grad).abs().max().item() / max(q.grad.abs().max().item(), floor)
+            assert err < 1e-9, f'{family} grad {name}: relative error {err:.2e}'
+        model.zero_grad(set_to_none=True)
+        ref.zero_grad(set_to_none=True)
+    for (name, b), rb in zip(model.named_buffers(), ref.buffers()):
+        if b.dtype == torch.long:
+            assert torch.equal(b, rb), name
+        else:
+            assert_close(b, rb, what=f'{family} buffer {name}')
+    # eval: member logits and the ensemble, both input kinds
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        for shared in (False, True):
+            x = inputs(split_factor, shared)
+            assert_close(model.forward_members(x), ref.forward_members(x), what=f'{family} eval (shared={shared})')
+            assert_close(model(x), ref(x), what=f'{family} eval ensemble')
+
+
+@pytest.mark.parametrize('member,convert', [
+    ('test_resnet', torch.nn.SyncBatchNorm.convert_sync_batchnorm),
+    ('test_efficientnet', timm.layers.convert_sync_batchnorm),
+])
+def test_packed_sync_batch_norm(member, convert):
+    """train.py converts BN to SyncBatchNorm after selecting the backend: the packed program follows."""
+    model, ref = make_pair(member, 2, {})
+    x = inputs(2, False)
+    model.train()
+    model(x)
+    model, ref = convert(model), convert(ref)
+    ref.load_state_dict(model.state_dict())
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    assert model.split_backend.supports(model, list(x.chunk(2, dim=1)))
+    for train in (True, False):
+        model.train(train)
+        ref.train(train)
+        assert_close(model(x), ref(x), what=f'{member} sync BN (train={train})')
+    for b, rb in zip(model.buffers(), ref.buffers()):
+        torch.testing.assert_close(b, rb)
+
+
+def test_packed_state_dict_round_trip():
+    model, _ = make_pair('wrn16_8_cifar', 2, dict(widen_factor=1))
+    model.train()
+    model(inputs(2, False)).sum().backward()
+    loop = SplitNet('wrn16_8_cifar', 2, member_kwargs=dict(widen_factor=1), num_classes=5).double()
+    sd = model.state_dict()
+    assert [(k, v.shape) for k, v in sd.items()] == [(k, v.shape) for k, v in loop.state_dict().items()]
+    assert all(k.startswith('models.') for k in sd)
+    loop.load_state_dict(sd)
+    model.eval()
+    loop.eval()
+    x = inputs(2, False)
+    with torch.no_grad():
+        assert_close(model(x), loop(x), what='round trip')
+
+
+def test_packed_dropout_and_drop_path_are_per_member():
+    """Members with the same weights on the same image differ only by their own random masks."""
+    torch.manual_seed(0)
+    model = SplitNet('wrn16_8_cifar', 2, member_kwargs=dict(widen_factor=1), num_classes=5, drop_rate=0.5,
+                     drop_path_rate=0.5, split_backend='packed')
+    model.models[1].load_state_dict(model.models[0].state_dict())
+    x = inputs(2, True, batch=8, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        out = model.forward_members(x)
+    torch.testing.assert_close(out[0], out[1])
+    model.train()
+    out = model.forward_members(x)
+    assert not torch.allclose(out[0], out[1])
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_shake_shake_packs_eval_and_trains():
+    kwargs = dict(layers=(1, 1, 1), base_width=8)
+    model, ref = make_pair('shake_shake26_2x96d_cifar', 2, kwargs)
+    model.eval()
+    ref.eval()
+    x = inputs(2, False)
+    with torch.no_grad():
+        assert_close(model.forward_members(x), ref.forward_members(x), what='shake-shake eval')
+    assert model.split_backend.supports(model, list(x.chunk(2, dim=1)))
+    model.train()
+    out = model(x)
+    assert out.shape == (2, 4, 5)
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_pyramidnet_packs(caplog):
+    kwargs = dict(layers=(1, 1, 1), alpha=8, shakedrop_prob=0.)
+    with caplog.at_level(logging.INFO, logger=bk.__name__):
+        model, ref = make_pair('pyramidnet272_cifar', 2, kwargs)
+    model.eval()
+    ref.eval()
+    x = inputs(2, False)
+    with torch.no_grad():
+        assert_close(model.forward_members(x), ref.forward_members(x), what='pyramidnet eval')
+    assert model.split_backend.supports(model, list(x.chunk(2, dim=1)))
+    assert "runs with 'loop'" not in caplog.text
+
+
+# ----- fallback, selection, caching -----
+
+def test_unsupported_family_falls_back_to_loop_with_one_log_line(caplog):
+    torch.manual_seed(0)
+    with caplog.at_level(logging.INFO, logger=bk.__name__):
+        model = SplitNet('test_vit', 2, num_classes=5, split_backend='packed')
+        ref = copy.deepcopy(model)
+        ref.set_split_backend('loop')
+        x = torch.randn(2, 6, 160, 160)
+        for train in (True, False):
+            model.train(train)
+            ref.train(train)
+            with torch.no_grad():
+                torch.testing.assert_close(model.forward_members(x), ref.forward_members(x))
+    lines = [r for r in caplog.records if r.name == bk.__name__]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert 'test_vit' in lines[0].getMessage() and "'loop'" in lines[0].getMessage()
+
+
+def test_grad_checkpointing_runs_the_loop(caplog):
+    model, ref = make_pair('test_resnet', 2, {})
+    model.set_grad_checkpointing(True)
+    model.train()
+    ref.train()
+    x = inputs(2, False)
+    with caplog.at_level(logging.INFO, logger=bk.__name__):
+        assert_close(model(x), ref(x), what='checkpointing')
+    assert 'checkpointing' in caplog.text
+
+
+def test_set_split_backend_and_create_model():
+    model = timm.create_model('splitnet_resnet110_s2', split_backend='packed', num_classes=5, stem_width=4)
+    assert str(model.split_backend) == 'packed' and model.split_backend == 'packed'
+    x = inputs(2, False, batch=2, dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        packed = model(x)
+        model.set_split_backend('loop')
+        assert isinstance(model.split_backend, bk.LoopBackend)
+        assert_close(packed, model(x), rtol=1e-5, what='create_model packed')
+    assert set(bk.SPLIT_BACKENDS) >= {'loop', 'packed', 'vmap', 'auto'}
+
+
+def test_unknown_backend_lists_valid_names():
+    model = SplitNet('test_resnet', 2, num_classes=5)
+    with pytest.raises(ValueError, match=r"'fast'.*'auto'.*'loop'.*'packed'.*'vmap'"):
+        model.set_split_backend('fast')
+    with pytest.raises(ValueError, match='packed'):
+        SplitNet('test_resnet', 2, num_classes=5, split_backend='fast')
+
+
+def test_packed_recompiles_after_reset_classifier():
+    model, ref = make_pair('test_resnet', 2, {})
+    x = inputs(2, False)
+    model.eval()
+    model.forward_members(x)
+    model.reset_classifier(3)
+    ref.reset_classifier(3)
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    with torch.no_grad():
+        out = model.forward_members(x)
+        assert out.shape == (2, 4, 3)
+        assert_close(out, ref.forward_members(x), what='after reset_classifier')
+        model.reset_classifier(0)
+        ref.reset_classifier(0)
+        assert_close(model.forward_members(x), ref.forward_members(x), what='no classifier')
+
+
+def test_packed_backend_copies_and_pickles():
+    model, _ = make_pair('test_resnet', 2, {})
+    model.eval()
+    x = inputs(2, False)
+    with torch.no_grad():
+        out = model(x)
+        twin = copy.deepcopy(model)  # e.g. timm's ModelEma
+        with torch.no_grad():
+            for p in twin.parameters():
+                p.mul_(0.5)
+        assert not torch.allclose(twin(x), out)  # the copy runs its own parameters, not the original's
+        torch.testing.assert_close(model(x), out)
+        buf = io.BytesIO()
+        torch.save(model, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)
+        torch.testing.assert_close(loaded(x), out)
+
+
+def test_vmap_matches_loop_in_eval_and_falls_back_in_train(caplog):
+    model, ref = make_pair('test_efficientnet', 2, {}, backend='vmap')
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        for shared in (False, True):
+            x = inputs(2, shared)
+            assert_close(model.forward_members(x), ref.forward_members(x), what=f'vmap eval (shared={shared})')
+    model.train()
+    ref.train()
+    x = inputs(2, False)
+    with caplog.at_level(logging.INFO, logger=bk.__name__):
+        assert_close(model(x), ref(x), what='vmap train')
+    assert 'train mode' in caplog.text
+    for b, rb in zip(model.buffers(), ref.buffers()):
+        torch.testing.assert_close(b, rb)
+
+
+def test_auto_picks_a_backend_caches_it_and_keeps_the_state(monkeypatch):
+    bk.clear_auto_cache()
+    model, ref = make_pair('test_resnet', 2, {}, backend='auto')
+    trials = []
+    original = bk.AutoBackend._trial
+
+    def counting_trial(self, *args, **kwargs):
+        trials.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(bk.AutoBackend, '_trial', counting_trial)
+    model.train()
+    ref.train()
+    x = inputs(2, False)
+    rng = torch.get_rng_state()
+    out = model(x)
+    assert len(trials) == 1
+    assert model.split_backend.last_choice in ('loop', 'packed')
+    assert set(model.split_backend.last_timings) == {'loop', 'packed'}
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    assert_close(out, ref(x), what='auto train')
+    for (name, b), rb in zip(model.named_buffers(), ref.buffers()):  # the trial steps left no trace in BN stats
+        torch.testing.assert_close(b, rb, msg=name)
+    model(x)
+    assert len(trials) == 1  # cached per process
+    other = SplitNet('test_resnet', 2, num_classes=5, split_backend='auto').double()
+    other.train()
+    other(x)
+    assert len(trials) == 1  # same key: member arch, S, device, dtype, input shape, mode
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert len(trials) == 2 and model.split_backend.last_choice in ('loop', 'packed', 'vmap')
+    assert len(bk._AUTO_CHOICES) == 2
+    bk.clear_auto_cache()
