@@ -6,16 +6,20 @@ S > 1 it reports, side by side (the paper's Fig. 3 / Fig. 6 latency study):
 
 - `undivided`: the S=1 model of the same architecture (`splitnet_<arch>_s1`, `--compare-undivided`, default on),
 - `sequential`: the S members one after another on `--device` (the normal model),
-- `concurrent`: member i on `--devices[i mod n]`, one host thread per device (`timm_splitnet.concurrent`).
+- `concurrent`: member i on `--devices[i mod n]`, one host thread per device (`timm_splitnet.concurrent`),
+- `member_parallel`: under torchrun with `--member-parallel`, member i on rank i mod N, one process per member
+  (group), the logits all-gathered over the processes (`timm_splitnet.member_parallel`): timed on rank 0 with the
+  gather; rank 0 alone then runs the single-process rows and reports.
 
     python benchmark.py --model splitnet_wrn28_10_s4 --devices cuda:0,cuda:1,cuda:2,cuda:3 --amp -b 100
+    torchrun --nproc_per_node=4 benchmark.py --model splitnet_wrn28_10_s4 --member-parallel --amp -b 100
     python benchmark.py --model-list "splitnet_resnet50_s2,splitnet_wrn50_3_s2" --bench both --plot latency.png
     python benchmark.py --plot-from results.json --plot latency.png
 
 Result keys follow timm's benchmark.py (`infer_samples_per_sec`, `infer_step_time` (mean ms), `infer_batch_size`,
 `infer_img_size`, `infer_gmacs`, `train_*`, `param_count`), plus `infer_step_time_median`, `infer_latency_ms`
 (median step time per image), `infer_peak_mem_mb` (CUDA only), `split_mode`, `split_factor`, `split_backend`,
-`devices` and `group` (the requested model a row belongs to).
+`devices`, `world_size` (member-parallel rows) and `group` (the requested model a row belongs to).
 
 Hacked together by the timm-splitnet authors
 """
@@ -36,51 +40,39 @@ import torch.nn.functional as F
 
 import timm
 from timm.data import resolve_data_config
-from timm.utils import ParseKwargs
 
 import timm_splitnet  # noqa: F401  registers the splitnet_* models
 from timm_splitnet import SplitNet, count_params, splitnet_name
-from timm_splitnet.concurrent import ConcurrentMembers, synchronize_devices
-from validate import (
-    CliError, create_model_checked, expand_model_names, model_gmacs, parse_devices_checked, resolve_amp_dtype,
-    resolve_device_checked, set_split_backend, setup_logging, write_results,
+from timm_splitnet.cli import (
+    CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
+    cli_session, create_model_checked, expand_model_names, finish_member_parallel, init_member_parallel_checked,
+    model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices, resolve_amp_dtype,
+    resolve_device_checked, set_split_backend,
 )
+from timm_splitnet.concurrent import ConcurrentMembers, cuda_devices, synchronize_devices
 
 _logger = logging.getLogger('benchmark')
 
-SPLIT_MODES = ('undivided', 'sequential', 'concurrent')
+SPLIT_MODES = ('undivided', 'sequential', 'concurrent', 'member_parallel')
 _SPLITNET_NAME = re.compile(r'^splitnet_(?P<arch>.+)_s(?P<s>\d+)$')
 
 parser = argparse.ArgumentParser(description='SplitNet / timm model benchmark')
-parser.add_argument('--model', '-m', metavar='NAME', default=None,
-                    help='model architecture, or a wildcard (e.g. "splitnet_wrn*")')
-parser.add_argument('--model-list', metavar='FILE_OR_NAMES', default='',
-                    help='file with one model name per line, or a comma separated list of names / wildcards')
 parser.add_argument('--bench', default='both', type=str, choices=['infer', 'train', 'both'],
                     help='benchmark mode: "both", "infer", "train" (default: both)')
-parser.add_argument('--results-file', default='', type=str, help='output file for results (csv or json)')
-parser.add_argument('--results-format', default='csv', type=str, choices=['csv', 'json'],
-                    help='format for results file (default: csv)')
-parser.add_argument('--num-warm-iter', default=10, type=int, help='number of warmup iterations (default: 10)')
+parser.add_argument('--num-warm-iter', default=10, type=int,
+                    help='number of warmup iterations (default: 10; at least 1 with --member-parallel)')
 parser.add_argument('--num-bench-iter', default=40, type=int, help='number of benchmark iterations (default: 40)')
 parser.add_argument('--device', default=None, type=str,
                     help='device of the sequential / undivided runs (default: first of --devices, else cuda if '
-                         'available, else cpu)')
+                         'available, else cpu); with --member-parallel: cuda = cuda:LOCAL_RANK')
 parser.add_argument('--devices', default='', type=str, metavar='DEV[,DEV...]',
                     help='also run SplitNet members concurrently, member i on device i mod n (e.g. cuda:0,cuda:1)')
 parser.add_argument('--streams', action='store_true', default=False,
                     help='concurrent runs: every device slot issues its work on its own CUDA stream')
 parser.add_argument('--compare-undivided', action=argparse.BooleanOptionalAction, default=None,
                     help='also benchmark the undivided splitnet_<arch>_s1 model (default: on for SplitNets with S>1)')
-parser.add_argument('--split-backend', default=None, type=str, help='SplitNet member execution backend (e.g. loop)')
-parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='mini-batch size (default: 256)')
-parser.add_argument('--img-size', default=None, type=int, metavar='N', help='input image dimension, uses model default')
-parser.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
-                    help='input all image dimensions (d h w, e.g. --input-size 3 224 224), uses model default')
 parser.add_argument('--use-train-size', action='store_true', default=False,
                     help='run inference at train size, not test-input-size if it exists')
-parser.add_argument('--num-classes', type=int, default=None, help='number classes in dataset')
-parser.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
 parser.add_argument('--amp', action='store_true', default=False,
                     help='use PyTorch Native AMP for mixed precision training. Overrides --precision arg.')
 parser.add_argument('--amp-dtype', default='float16', type=str,
@@ -89,8 +81,6 @@ parser.add_argument('--precision', default='float32', type=str,
                     help='numeric precision. One of (amp, amp_float16, amp_bfloat16, float16, bfloat16, float32)')
 parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                     help='enable compilation w/ specified backend (default: inductor); not for concurrent runs')
-parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                    help='extra model kwargs, e.g. --model-kwargs drop_rate=0.1')
 parser.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='train benchmark optimizer')
 parser.add_argument('--lr', default=1e-4, type=float, metavar='LR', help='train benchmark learning rate')
 parser.add_argument('--cot-weight', default=0.5, type=float,
@@ -100,6 +90,10 @@ parser.add_argument('--plot', default='', type=str, metavar='FILE.png',
                     help='draw the latency comparison (undivided / sequential / concurrent) to this file')
 parser.add_argument('--plot-from', default='', type=str, metavar='RESULTS.json',
                     help='re-plot a saved JSON results file (with --plot); no benchmark is run')
+add_model_args(parser)
+add_input_args(parser)
+add_member_parallel_args(parser)
+add_results_args(parser)
 
 
 def resolve_precision(precision: str) -> Tuple[Optional[torch.dtype], torch.dtype]:
@@ -140,13 +134,13 @@ def time_steps(step: Callable[[], Any], devices: Sequence[torch.device], num_war
 
 
 def _reset_peak_memory(devices: Sequence[torch.device]) -> None:
-    for d in {d for d in devices if d.type == 'cuda'}:
+    for d in cuda_devices(devices):
         torch.cuda.reset_peak_memory_stats(d)
 
 
 def _peak_memory_mb(devices: Sequence[torch.device]) -> Optional[float]:
     """Largest `max_memory_allocated` over the CUDA devices used (MiB), None on CPU."""
-    peaks = [torch.cuda.max_memory_allocated(d) for d in {d for d in devices if d.type == 'cuda'}]
+    peaks = [torch.cuda.max_memory_allocated(d) for d in cuda_devices(devices)]
     return round(max(peaks) / 2 ** 20, 1) if peaks else None
 
 
@@ -166,23 +160,36 @@ def _summary(times_ms: List[float], batch_size: int, img_size: int) -> Dict[str,
 # ----- one benchmark setup -----
 
 class BenchSetup:
-    """A model ready to benchmark in one split mode: forward function, input device(s), precision."""
+    """A model ready to benchmark in one split mode: forward function, input device(s), precision.
 
-    def __init__(self, name: str, mode: str, args, device: torch.device, devices: Optional[List[torch.device]]):
+    Mode 'member_parallel' is a collective: every rank of the torchrun job builds it, for the same model.
+    """
+
+    def __init__(
+            self,
+            name: str,
+            mode: str,
+            args,
+            device: Optional[torch.device],
+            devices: Optional[List[torch.device]],
+    ):
         self.name = name
         self.mode = mode
+        self.seed = args.seed
         self.precision = args.precision
         if args.amp:  # overrides --precision, as in timm
             self.precision = 'amp_bfloat16' if resolve_amp_dtype(args.amp_dtype) == torch.bfloat16 else 'amp_float16'
         self.amp_dtype, self.dtype = resolve_precision(self.precision)
         self.memory_format = torch.channels_last if args.channels_last else None
-        kwargs = dict(args.model_kwargs or {})
-        if args.num_classes is not None:
-            kwargs['num_classes'] = args.num_classes
+        kwargs = model_kwargs(args)
         torch.manual_seed(args.seed)
         self.model = create_model_checked(name, **kwargs)
-        self.split_backend = set_split_backend(self.model, args.split_backend)
         self.is_split = isinstance(self.model, SplitNet)
+        if mode == 'member_parallel':  # the members of a rank run one after the other
+            self.split_backend = 'loop' if self.is_split else None
+        else:
+            self.split_backend = set_split_backend(self.model, args.split_backend)
+        self.split_factor = self.model.split_factor if self.is_split else None
         self.param_count = count_params(self.model)
         data_config = resolve_data_config(vars(args), model=self.model, use_test_size=not args.use_train_size)
         self.input_size = tuple(data_config['input_size'])
@@ -192,6 +199,8 @@ class BenchSetup:
         if self.memory_format is not None:
             self.model.to(memory_format=self.memory_format)
         self.runner = None
+        self.plan = None
+        self.min_warm_iter = 0
         if mode == 'concurrent':
             self.runner = ConcurrentMembers(self.model, devices, amp_dtype=self.amp_dtype, streams=args.streams)
             self.device = self.runner.device
@@ -202,36 +211,61 @@ class BenchSetup:
             self.autocast = nullcontext  # the runner enters autocast in every worker thread
             if args.torchcompile:
                 _logger.warning('--torchcompile is not applied to concurrent runs.')
+            return
+        if mode == 'member_parallel':  # this rank keeps its members; the logits are gathered over the ranks
+            from timm_splitnet.member_parallel import member_parallel_forward
+            if args.split_backend not in (None, '', 'loop'):
+                _logger.warning(f'--split-backend {args.split_backend} ignored by the member-parallel run.')
+            self.model, self.plan, device = init_member_parallel_checked(
+                self.model, args.device, backend=args.dist_backend, timeout=args.dist_timeout, name=name)
+            if args.torchcompile:
+                for member in self.model.owned:  # the gather stays eager
+                    member.compile(backend=args.torchcompile)
+            self.forward = partial(member_parallel_forward, self.model)  # the ensemble, gather included
+            self.forward_members = self.model.forward_members  # all members' logits, with gradients to own
+            self.min_warm_iter = 1  # the first forward in a mode also checks the ranks' batches
         else:
             self.model.to(device)
-            self.device = device
-            self.devices = [device]
-            model = self.model
-            if args.torchcompile:
-                model = torch.compile(self.model, backend=args.torchcompile)
-            self.forward = model
-            self.forward_members = model  # train mode: a SplitNet returns the member logits [S, B, C]
-            self.parameters = self.model.parameters
-            self.autocast = partial(torch.autocast, device_type=device.type, dtype=self.amp_dtype) \
-                if self.amp_dtype else nullcontext
+            self.forward = torch.compile(self.model, backend=args.torchcompile) if args.torchcompile else self.model
+            self.forward_members = self.forward  # train mode: a SplitNet returns the member logits [S, B, C]
+        self.device = device
+        self.devices = [device]
+        self.parameters = self.model.parameters
+        self.autocast = autocast_factory(device, self.amp_dtype)
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
         if self.runner is not None:
             self.runner.train(mode)
 
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded with `--seed`: the same inputs and targets on every rank."""
+        return torch.Generator().manual_seed(self.seed)
+
     def input(self, batch_size: int) -> torch.Tensor:
-        x = torch.randn((batch_size,) + self.input_size, device=self.device, dtype=self.dtype)
+        x = torch.randn((batch_size,) + self.input_size, generator=self.generator())
+        x = x.to(device=self.device, dtype=self.dtype)
         return x.contiguous(memory_format=self.memory_format) if self.memory_format is not None else x
 
+    def target(self, batch_size: int) -> torch.Tensor:
+        return torch.randint(0, max(self.num_classes, 1), (batch_size,), generator=self.generator()).to(self.device)
+
     def info(self) -> Dict[str, Any]:
-        return OrderedDict(
+        """The setup's columns; a collective in mode 'member_parallel' (the devices of all ranks)."""
+        if self.plan is not None:
+            devices = rank_devices(self.plan, self.device)
+        else:
+            devices = ','.join(str(d) for d in (self.runner.slot_devices if self.runner else self.devices))
+        info = OrderedDict(
             split_mode=self.mode,
-            split_factor=self.model.split_factor if self.is_split else None,
+            split_factor=self.split_factor,
             split_backend=self.split_backend,
             precision=self.precision,
-            devices=','.join(str(d) for d in (self.runner.slot_devices if self.runner else self.devices)),
+            devices=devices,
         )
+        if self.plan is not None:
+            info['world_size'] = self.plan.world_size
+        return info
 
     def close(self) -> None:
         if self.runner is not None:
@@ -269,7 +303,7 @@ def bench_infer(setup: BenchSetup, args) -> Dict[str, Any]:
             setup.forward(x)
 
     _reset_peak_memory(setup.devices)
-    times = time_steps(step, setup.devices, args.num_warm_iter, args.num_bench_iter)
+    times = time_steps(step, setup.devices, max(args.num_warm_iter, setup.min_warm_iter), args.num_bench_iter)
     results = _summary(times, args.batch_size, setup.input_size[-1])
     results['gmacs'] = setup.gmacs
     results['peak_mem_mb'] = _peak_memory_mb(setup.devices)
@@ -282,7 +316,7 @@ def bench_train(setup: BenchSetup, args) -> Dict[str, Any]:
     criterion = make_criterion(setup.is_split, args.cot_weight)
     optimizer = create_optimizer_v2(list(setup.parameters()), opt=args.opt, lr=args.lr)
     x = setup.input(args.batch_size)
-    target = torch.randint(0, max(setup.num_classes, 1), (args.batch_size,), device=setup.device)
+    target = setup.target(args.batch_size)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -293,16 +327,23 @@ def bench_train(setup: BenchSetup, args) -> Dict[str, Any]:
         optimizer.step()
 
     _reset_peak_memory(setup.devices)
-    times = time_steps(step, setup.devices, args.num_warm_iter, args.num_bench_iter)
+    times = time_steps(step, setup.devices, max(args.num_warm_iter, setup.min_warm_iter), args.num_bench_iter)
     results = _summary(times, args.batch_size, setup.input_size[-1])
     results['peak_mem_mb'] = _peak_memory_mb(setup.devices)
     setup.train(False)
     return results
 
 
-def benchmark_one(name: str, mode: str, args, device: torch.device, devices) -> Dict[str, Any]:
+def benchmark_one(
+        name: str,
+        mode: str,
+        args,
+        device: Optional[torch.device],
+        devices: Optional[List[torch.device]],
+) -> Dict[str, Any]:
     """One result row: `name` in split mode `mode`, infer and / or train keys merged as in timm."""
     setup = BenchSetup(name, mode, args, device, devices)
+    device = setup.device
     try:
         row = OrderedDict(model=name)
         row.update(setup.info())
@@ -323,14 +364,42 @@ def benchmark_one(name: str, mode: str, args, device: torch.device, devices) -> 
     return row
 
 
+def benchmark_member_parallel(
+        model_names: List[str],
+        args,
+        cache: Dict[Tuple[str, str], Any],
+        rank: int = 0,
+) -> None:
+    """The member-parallel run of every model, on every rank (collectives), into `cache[(name, 'member_parallel')]`.
+
+    A failure is stored in the cache (the row of rank 0 reports it) and logged on the other ranks; with a single
+    model it is raised, except out of memory (reported as a row, as the single-process runs do).
+    """
+    for name in model_names:
+        key = (name, 'member_parallel')
+        _logger.info(f'Benchmarking {name} (member_parallel) ...')
+        try:
+            cache[key] = benchmark_one(name, 'member_parallel', args, None, None)
+        except Exception as e:
+            if len(model_names) == 1 and not isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            if rank != 0:
+                _logger.error(f'{name} (member_parallel): {type(e).__name__}: {e}')
+            cache[key] = e
+
+
 def benchmark_model(
         name: str,
         args,
         device: torch.device,
         devices: Optional[List[torch.device]],
-        cache: Dict[Tuple[str, str], Dict[str, Any]],
+        cache: Dict[Tuple[str, str], Any],
 ) -> List[Dict[str, Any]]:
-    """The rows of one requested model: undivided / sequential / concurrent as they apply."""
+    """The rows of one requested model: undivided / sequential / concurrent / member_parallel as they apply.
+
+    The member-parallel row comes from the cache (`benchmark_member_parallel` ran it first); a failure stored
+    there is raised.
+    """
     parsed = parse_splitnet_name(name)
     split_factor = parsed[1] if parsed else None
     compare = args.compare_undivided
@@ -348,6 +417,10 @@ def benchmark_model(
         runs.append((name, 'concurrent'))
     elif devices:
         _logger.warning(f'--devices ignored for {name}: not a SplitNet.')
+    if args.member_parallel:
+        runs.append((name, 'member_parallel'))
+        if isinstance(cache.get((name, 'member_parallel')), Exception):
+            raise cache[(name, 'member_parallel')]
     rows = []
     for run_name, mode in runs:
         key = (run_name, mode)
@@ -366,7 +439,7 @@ def benchmark_model(
 def format_rows(rows: List[Dict[str, Any]]) -> str:
     """A readable table of result rows."""
     cols = [
-        ('model', 'model', '{}', 32), ('split_mode', 'mode', '{}', 10), ('split_factor', 'S', '{}', 3),
+        ('model', 'model', '{}', 32), ('split_mode', 'mode', '{}', 15), ('split_factor', 'S', '{}', 3),
         ('devices', 'devices', '{}', 15), ('infer_samples_per_sec', 'inf img/s', '{:.1f}', 10),
         ('infer_step_time_median', 'inf ms', '{:.2f}', 9), ('infer_latency_ms', 'ms/img', '{:.4f}', 9),
         ('infer_peak_mem_mb', 'inf MiB', '{:.0f}', 8), ('train_samples_per_sec', 'train img/s', '{:.1f}', 11),
@@ -409,16 +482,20 @@ def load_results(path: str) -> List[Dict[str, Any]]:
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    """Command line entry point; returns the result rows (raises SystemExit with a message on bad input)."""
-    setup_logging()
+    """Command line entry point; returns the result rows (raises SystemExit with a message on bad input).
+
+    With `--member-parallel` (under torchrun) every rank runs the member-parallel rows first; then rank 0 alone runs
+    the single-process rows, reports and returns all rows, the other ranks return an empty list.
+    """
     args = parser.parse_args(argv)
-    try:
-        if args.plot_from:
+    if args.plot_from:
+        with cli_session('benchmark.py'):
             if not args.plot:
                 raise CliError('--plot-from needs --plot FILE.png.')
             rows = load_results(args.plot_from)
             _plot(rows, args.plot)
             return rows
+    with cli_session('benchmark.py', args.member_parallel) as rank:
         model_names = expand_model_names(args.model, args.model_list)
         resolve_precision(args.precision)
         if args.amp:
@@ -426,6 +503,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         devices = parse_devices_checked(args.devices) if args.devices else None
         device = resolve_device_checked(args.device) if args.device or not devices else devices[0]
         rows, cache = [], {}
+        if args.member_parallel:
+            benchmark_member_parallel(model_names, args, cache, rank)
+            finish_member_parallel()
+            if rank != 0:
+                return []  # rank 0 runs the single-process rows alone, on an otherwise idle machine
         for name in model_names:
             try:
                 rows += benchmark_model(name, args, device, devices, cache)
@@ -438,12 +520,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                 # bulk mode: report the model's failure and go on with the others (as timm's benchmark.py)
                 _logger.error(f'{name}: {type(e).__name__}: {e}', exc_info=not isinstance(e, CliError))
                 rows.append(OrderedDict(model=name, error=str(e)))
-    except CliError as e:
-        raise SystemExit(f'benchmark.py: error: {e}')
-    if args.results_file:
-        write_results(args.results_file, rows, format=args.results_format)
-    print(format_rows(rows))
-    print(f'--result\n{json.dumps(rows, indent=4)}')
+    print_results(rows, args, table=format_rows(rows))
     if args.plot:
         _plot(rows, args.plot)
     if any('error' in r for r in rows):
@@ -458,4 +535,5 @@ def _plot(rows: List[Dict[str, Any]], path: str) -> None:
 
 
 if __name__ == '__main__':
-    main()
+    from torch.distributed.elastic.multiprocessing.errors import record
+    record(main)()  # under torchrun: the failing rank's traceback in torchrun's summary

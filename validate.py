@@ -10,19 +10,20 @@ of the paper's Table 9 (mean / max of logits, mean / max of softmax probabilitie
         --pretrained-path resnet50_s2.safetensors --amp --devices cuda:0,cuda:1
 
 Flags follow timm's `validate.py` where timm has the flag. `--devices` places member i on device i mod n and runs the
-members concurrently (`timm_splitnet.concurrent.ConcurrentMembers`); accuracies are the same as sequential.
+members concurrently in threads of this process (`timm_splitnet.concurrent.ConcurrentMembers`); `--member-parallel`
+under torchrun places member i on rank i mod N, one process per member (group), and gathers the logits over the
+processes (`timm_splitnet.member_parallel`); rank 0 reports. Accuracies are the same as sequential either way.
+
+    torchrun --nproc_per_node=2 validate.py --data-dir /data/imagenet --model splitnet_resnet50_s2 \\
+        --checkpoint model_best.pth.tar --member-parallel
 
 Hacked together by the timm-splitnet authors
 """
 import argparse
-import csv
-import difflib
-import json
 import logging
 import os
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -30,14 +31,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import timm
 from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data.distributed_sampler import OrderedDistributedSampler
 from timm.models import load_checkpoint
-from timm.utils import AverageMeter, ParseKwargs, accuracy, setup_default_logging
+from timm.utils import AverageMeter, accuracy
 
 import timm_splitnet  # noqa: F401  registers the splitnet_* models
-from timm_splitnet import SplitNet, count_macs, count_params, load_safetensors
-from timm_splitnet.concurrent import ConcurrentMembers, parse_devices, resolve_device
+from timm_splitnet import SplitNet, count_params, load_safetensors
+from timm_splitnet.cli import (
+    CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
+    cli_session, create_model_checked, expand_model_names, finish_member_parallel, init_member_parallel_checked,
+    model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices, resolve_amp_dtype,
+    resolve_device_checked, set_split_backend,
+)
+from timm_splitnet.concurrent import ConcurrentMembers
 
 _logger = logging.getLogger('validate')
 
@@ -60,10 +67,6 @@ _SPLIT_SYNONYMS = (
 _SPLIT_FOLDERS = set().union(*_SPLIT_SYNONYMS)
 
 
-class CliError(Exception):
-    """Bad input on the command line: reported as one message and a non-zero exit, without a traceback."""
-
-
 parser = argparse.ArgumentParser(description='SplitNet / timm ImageNet-style validation')
 parser.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (root dir)')
 parser.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
@@ -74,12 +77,6 @@ parser.add_argument('--dataset-download', action='store_true', default=False,
                     help='allow download of dataset for torch/ and tfds/ datasets that support it')
 parser.add_argument('--class-map', default='', type=str, metavar='FILENAME',
                     help='path to class to idx mapping file (default: "")')
-parser.add_argument('--model', '-m', metavar='NAME', default=None,
-                    help='model architecture, or a wildcard (e.g. "splitnet_resnet110_s*") for several models')
-parser.add_argument('--model-list', metavar='FILE_OR_NAMES', default='',
-                    help='file with one model name per line, or a comma separated list of names / wildcards')
-parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                    help='extra model kwargs, e.g. --model-kwargs drop_rate=0.1')
 parser.add_argument('--pretrained', dest='pretrained', action='store_true',
                     help='use pretrained weights (of the pretrained cfg or of --pretrained-path)')
 parser.add_argument('--pretrained-path', default=None, type=str, metavar='FILE',
@@ -88,12 +85,7 @@ parser.add_argument('--checkpoint', default='', type=str, metavar='PATH',
                     help='path to a checkpoint (.pth.tar / .pth from timm train scripts, or .safetensors)')
 parser.add_argument('--use-ema', dest='use_ema', action='store_true',
                     help='use the EMA weights (state_dict_ema) of a .pth.tar checkpoint')
-parser.add_argument('--num-classes', type=int, default=None, help='number classes in dataset')
 parser.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='number of data loading workers')
-parser.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='mini-batch size (default: 256)')
-parser.add_argument('--img-size', default=None, type=int, metavar='N', help='input image dimension, uses model default')
-parser.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
-                    help='input all image dimensions (d h w, e.g. --input-size 3 224 224), uses model default')
 parser.add_argument('--crop-pct', default=None, type=float, metavar='N', help='input image center crop pct')
 parser.add_argument('--crop-mode', default=None, type=str, metavar='N', help='input image crop mode (center, squash)')
 parser.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override mean pixel value')
@@ -103,167 +95,22 @@ parser.add_argument('--no-prefetcher', action='store_true', default=False, help=
 parser.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in the DataLoader')
 parser.add_argument('--log-freq', default=10, type=int, metavar='N', help='batch logging frequency (default: 10)')
 parser.add_argument('--device', default=None, type=str,
-                    help='device (default: cuda if available, else cpu)')
+                    help='device (default: cuda if available, else cpu; with --member-parallel: cuda = '
+                         'cuda:LOCAL_RANK)')
 parser.add_argument('--devices', default='', type=str, metavar='DEV[,DEV...]',
                     help='run SplitNet members concurrently, member i on device i mod n (e.g. cuda:0,cuda:1)')
 parser.add_argument('--streams', action='store_true', default=False,
                     help='with --devices: every device slot runs on its own CUDA stream')
 parser.add_argument('--amp', action='store_true', default=False, help='use automatic mixed precision (autocast)')
 parser.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (float16, bfloat16)')
-parser.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
 parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                     help='enable compilation w/ specified backend (default: inductor)')
 parser.add_argument('--ensemble', default='all', choices=['all'] + list(ENSEMBLE_MANNERS),
                     help='ensemble manner of top1/top5 (all: the model\'s configured manner, plus all four reported)')
-parser.add_argument('--split-backend', default=None, type=str, help='SplitNet member execution backend (e.g. loop)')
-parser.add_argument('--results-file', default='', type=str, metavar='FILENAME', help='output results file')
-parser.add_argument('--results-format', default='csv', type=str, choices=['csv', 'json'],
-                    help='format for results file (default: csv)')
-
-
-# ----- helpers shared with benchmark.py -----
-
-def is_wildcard(name: str) -> bool:
-    return any(c in name for c in '*?[')
-
-
-def expand_model_names(model: Optional[str] = None, model_list: str = '') -> List[str]:
-    """Model names of `--model` and `--model-list` (file or comma list), wildcards expanded with timm.list_models.
-
-    Raises:
-        CliError: No model given, or a wildcard matches nothing.
-    """
-    names = []
-    if model_list:
-        if os.path.isfile(model_list):
-            with open(model_list) as f:
-                names += [line.strip() for line in f if line.strip() and not line.strip().startswith('#')]
-        else:
-            names += [n.strip() for n in model_list.split(',') if n.strip()]
-    if model:
-        names.append(model)
-    if not names:
-        raise CliError('no model given: use --model NAME (or a wildcard) or --model-list FILE_OR_NAMES.')
-    out = []
-    for name in names:
-        if is_wildcard(name):
-            matches = timm.list_models(name)
-            if not matches:
-                raise CliError(f'no registered model matches {name!r}.')
-            out += matches
-        else:
-            out.append(name)
-    return list(dict.fromkeys(out))
-
-
-def check_model_name(name: str) -> None:
-    """Raise a CliError listing close matches when `name` is not a registered timm model."""
-    if ':' in name or timm.is_model(name):  # hf-hub:, local-dir: ... are resolved by timm
-        return
-    close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
-    hint = f' Did you mean: {", ".join(close)}?' if close else ' See timm.list_models() (or "splitnet_*").'
-    raise CliError(f'unknown model {name!r}.{hint}')
-
-
-def create_model_checked(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """`timm.create_model` with bad names and bad kwargs reported as a CliError."""
-    check_model_name(name)
-    try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (RuntimeError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
-        raise CliError(f'could not create model {name!r}: {e}') from e
-
-
-def set_split_backend(model: nn.Module, backend: Optional[str]) -> Optional[str]:
-    """Select the member execution backend of a SplitNet; returns the backend name (None for plain models)."""
-    if not isinstance(model, SplitNet):
-        if backend not in (None, '', 'loop'):
-            _logger.warning(f'--split-backend {backend} ignored: {type(model).__name__} is not a SplitNet.')
-        return None
-    if backend:
-        try:
-            model.set_split_backend(backend)
-        except ValueError as e:
-            raise CliError(str(e)) from e
-    return str(model.split_backend)
-
-
-def model_gmacs(
-        name: str,
-        input_size: Sequence[int],
-        model: Optional[nn.Module] = None,
-        **kwargs,
-) -> Optional[float]:
-    """Giga multiply-adds per image of `name`, counted on a copy built on the meta device (no memory, no compute).
-
-    Falls back to counting on `model` when the meta build fails; returns None if neither works.
-    """
-    if model is not None and getattr(model, 'num_classes', None):
-        kwargs.setdefault('num_classes', model.num_classes)  # e.g. the head of --pretrained-path weights
-    try:
-        with torch.device('meta'):
-            meta_model = timm.create_model(name, pretrained=False, **kwargs)
-        return round(count_macs(meta_model, tuple(input_size)) / 1e9, 4)
-    except Exception as e:  # some models cannot run on meta tensors
-        _logger.debug(f'MAC count on the meta device failed for {name}: {e}')
-    if model is None:
-        return None
-    try:
-        return round(count_macs(model, tuple(input_size)) / 1e9, 4)
-    except Exception as e:
-        _logger.warning(f'could not count MACs of {name}: {e}')
-        return None
-
-
-def resolve_device_checked(device: Optional[str]) -> torch.device:
-    """The `--device` (default: cuda if available, else cpu), checked to exist."""
-    if not device:
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    try:
-        return resolve_device(device)
-    except ValueError as e:
-        raise CliError(str(e)) from e
-
-
-def parse_devices_checked(devices: str) -> List[torch.device]:
-    try:
-        return parse_devices(devices)
-    except ValueError as e:
-        raise CliError(str(e)) from e
-
-
-def resolve_amp_dtype(name: str) -> torch.dtype:
-    dtypes = {'float16': torch.float16, 'half': torch.float16, 'bfloat16': torch.bfloat16}
-    if name not in dtypes:
-        raise CliError(f'unknown --amp-dtype {name!r}, expected float16 or bfloat16.')
-    return dtypes[name]
-
-
-def write_results(results_file: str, results: List[Dict[str, Any]], format: str = 'csv') -> None:
-    """Write result rows as JSON (a list) or CSV (one row per result, columns = union of keys in order)."""
-    directory = os.path.dirname(os.path.abspath(results_file))
-    os.makedirs(directory, exist_ok=True)
-    with open(results_file, mode='w', newline='') as f:
-        if format == 'json':
-            json.dump(results, f, indent=4)
-        else:
-            keys = list(dict.fromkeys(k for r in results for k in r))
-            dw = csv.DictWriter(f, fieldnames=keys, restval='')
-            dw.writeheader()
-            for r in results:
-                dw.writerow(r)
-
-
-def splitnet_info(model: nn.Module) -> Dict[str, Any]:
-    """split_factor / split_backend / member / ensemble of a SplitNet (empty for plain models)."""
-    if not isinstance(model, SplitNet):
-        return {}
-    return dict(
-        split_factor=model.split_factor,
-        split_backend=str(model.split_backend),
-        member=model.member_name,
-        ensemble=('softmax_' if model.ensemble_softmax else '') + model.ensemble,
-    )
+add_model_args(parser)
+add_input_args(parser)
+add_member_parallel_args(parser)
+add_results_args(parser)
 
 
 # ----- metrics -----
@@ -382,22 +229,55 @@ def _create_loader(args, data_config: Dict[str, Any], device: torch.device):
     return dataset, loader
 
 
+def _ensemble_manner(model: nn.Module) -> Optional[str]:
+    """The ensemble manner a SplitNet is configured with (a key of `ENSEMBLE_MANNERS`), None for plain models."""
+    if not isinstance(model, SplitNet):
+        return None
+    return ('softmax_' if model.ensemble_softmax else '') + model.ensemble
+
+
+def _shard_samples(loader, num_samples: int) -> Optional[int]:
+    """The samples of this rank's shard that are not padding of a distributed eval sampler (None: all are real).
+
+    timm's `OrderedDistributedSampler` pads the last shard with the first samples to give every replica as many;
+    validation counts each sample once, as a single process does.
+    """
+    sampler = getattr(getattr(loader, 'loader', loader), 'sampler', None)
+    if not isinstance(sampler, OrderedDistributedSampler):
+        return None
+    return max(0, min(sampler.num_samples, num_samples - sampler.rank * sampler.num_samples))
+
+
+def _reduce_meters(meters: Sequence[AverageMeter], plan, device: torch.device) -> None:
+    """Sum the meters over the replicas of a member-parallel run (every replica validated its own shard)."""
+    if plan is None or plan.member_group is None:
+        return
+    sums = torch.tensor([v for m in meters for v in (m.sum, m.count)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(sums, group=plan.member_group)
+    for m, (total, count) in zip(meters, sums.view(-1, 2).tolist()):
+        m.sum, m.count = total, count
+        m.avg = total / max(count, 1)
+
+
 def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
-    """Validate one model; returns the result row (an OrderedDict)."""
+    """Validate one model; returns the result row (an OrderedDict).
+
+    With `args.member_parallel` every rank calls it for the same model (a collective) and returns the same row.
+    """
     model_name = model_name or args.model
     devices = parse_devices_checked(args.devices) if args.devices else None
     device = devices[0] if devices else resolve_device_checked(args.device)
     amp_dtype = resolve_amp_dtype(args.amp_dtype) if args.amp else None
 
-    kwargs = dict(args.model_kwargs or {})
-    if args.num_classes is not None:
-        kwargs['num_classes'] = args.num_classes
+    kwargs = model_kwargs(args)
     pretrained = args.pretrained or bool(args.pretrained_path)
     create_kwargs = dict(kwargs)
     if args.pretrained_path:
         if not os.path.isfile(args.pretrained_path):
             raise CliError(f'pretrained weights file not found: {args.pretrained_path}')
         create_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
+    if args.member_parallel:
+        torch.manual_seed(0)  # without weights to load, the same random members on every rank
     model = create_model_checked(model_name, pretrained=pretrained, **create_kwargs)
     if args.checkpoint:
         load_weights(model, args.checkpoint, args.use_ema)
@@ -405,21 +285,39 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
     if is_split and args.ensemble != 'all':
         reduce, softmax = ENSEMBLE_MANNERS[args.ensemble]
         model.set_ensemble(reduce, softmax)
-    split_backend = set_split_backend(model, args.split_backend)
+    if args.member_parallel:
+        if args.split_backend not in (None, '', 'loop'):
+            _logger.warning(f'--split-backend {args.split_backend} ignored: with --member-parallel the members of a '
+                            f'rank run one after the other (loop).')
+        split_backend = 'loop' if is_split else None
+    else:
+        split_backend = set_split_backend(model, args.split_backend)
     if devices and not is_split:
         raise CliError(f'--devices needs a SplitNet model, {model_name} is a {type(model).__name__}.')
 
     param_count = count_params(model)
+    num_classes = getattr(model, 'num_classes', None)
+    split_factor = model.split_factor if is_split else None
+    configured = _ensemble_manner(model)
     data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=True)
     gmacs = model_gmacs(model_name, data_config['input_size'], model=model, **kwargs)
     _logger.info(f'Model {model_name} created, param count: {param_count}, GMACs: {gmacs}')
 
+    plan = None
+    if args.member_parallel:  # takes the model apart: this rank keeps its members
+        model, plan, device = init_member_parallel_checked(
+            model, args.device, backend=args.dist_backend, timeout=args.dist_timeout, name=model_name)
+        _logger.info(f'Member-parallel: {model.describe()}')
     dataset, loader = _create_loader(args, data_config, device)
-    num_classes = getattr(model, 'num_classes', None)
     dataset_classes = len(getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or {}) or None
     if num_classes and dataset_classes and dataset_classes > num_classes:
         raise CliError(f'the dataset has {dataset_classes} classes but {model_name} predicts {num_classes}; '
                        f'set --num-classes (and load weights with that head).')
+    real_samples = None
+    if plan is not None:
+        from timm_splitnet.member_parallel import member_parallel_loader
+        loader = member_parallel_loader(loader, plan, is_training=False)  # a replica's ranks: the same batches
+        real_samples = _shard_samples(loader, len(dataset))
 
     model.eval()
     if args.channels_last:
@@ -431,21 +329,27 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
         forward = runner.forward_members
         if args.torchcompile:
             _logger.warning('--torchcompile is not applied with --devices (concurrent members).')
+    elif plan is not None:
+        from timm_splitnet.member_parallel import member_parallel_forward
+        if args.torchcompile:
+            for member in model.owned:  # the logits gather stays eager
+                member.compile(backend=args.torchcompile)
+        forward = partial(member_parallel_forward, model, members=True)
     else:
         model.to(device)
         forward = model.forward_members if is_split else model
         if args.torchcompile:
             forward = torch.compile(forward, backend=args.torchcompile)
-    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if amp_dtype else nullcontext
+    amp_autocast = autocast_factory(device, amp_dtype)
 
-    configured = splitnet_info(model).get('ensemble')
     manners = list(ENSEMBLE_MANNERS) if args.ensemble == 'all' else [args.ensemble]
     batch_time = AverageMeter()
     losses = AverageMeter()
-    meters: Dict[str, List[AverageMeter]] = OrderedDict()
     top1 = AverageMeter()
     top5 = AverageMeter()
-    num_images = 0
+    meters: Dict[str, List[AverageMeter]] = OrderedDict(
+        (key, [AverageMeter(), AverageMeter()])
+        for key in [f'ens_{m}' for m in manners] + [f'member{i}' for i in range(split_factor or 0)])
     start = end = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -457,11 +361,16 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
                     images = images.contiguous(memory_format=torch.channels_last)
                 with amp_autocast():
                     out = forward(images)
-                batch_size = images.shape[0]
+                if real_samples is not None:  # after the forward: every rank of the replica runs every batch
+                    keep = min(target.shape[0], real_samples)
+                    real_samples -= keep
+                    out, target = out[:, :keep], target[:keep]
+                    if keep == 0:
+                        continue
+                batch_size = target.shape[0]
                 if is_split:
                     accs = split_accuracies(out, target, manners)
                     for key, values in accs.items():
-                        meters.setdefault(key, [AverageMeter(), AverageMeter()])
                         for meter, value in zip(meters[key], values):
                             meter.update(value, batch_size)
                     output = ensemble_output(out, configured)
@@ -474,7 +383,6 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
                 losses.update(loss.item(), batch_size)
                 top1.update(acc1, batch_size)
                 top5.update(acc5, batch_size)
-                num_images += batch_size
                 now = time.perf_counter()
                 batch_time.update(now - end)
                 end = now
@@ -488,7 +396,9 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
     finally:
         if runner is not None:
             runner.close()
+    _reduce_meters([losses, top1, top5] + [m for pair in meters.values() for m in pair], plan, device)
     elapsed = time.perf_counter() - start
+    num_images = int(top1.count)
 
     results = OrderedDict(model=model_name)
     results['top1'] = round(top1.avg, 4)
@@ -501,7 +411,7 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
         for key, (m1, m5) in meters.items():
             results[f'{key}_top1'] = round(m1.avg, 4)
             results[f'{key}_top5'] = round(m5.avg, 4)
-        member_top1 = [meters[f'member{i}'][0].avg for i in range(model.split_factor)]
+        member_top1 = [meters[f'member{i}'][0].avg for i in range(split_factor)]
         results['member_avg_top1'] = round(sum(member_top1) / len(member_top1), 4)
     results['param_count'] = round(param_count / 1e6, 4)
     results['gmacs'] = gmacs
@@ -511,10 +421,14 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
     results['crop_pct'] = data_config['crop_pct']
     results['interpolation'] = data_config['interpolation']
     if is_split:
-        results['split_factor'] = model.split_factor
+        results['split_factor'] = split_factor
         results['split_backend'] = split_backend
-        results['split_mode'] = 'concurrent' if devices else 'sequential'
-    results['device'] = ','.join(str(d) for d in devices) if devices else str(device)
+        results['split_mode'] = 'member_parallel' if plan is not None else 'concurrent' if devices else 'sequential'
+    if plan is not None:
+        results['world_size'] = plan.world_size
+        results['device'] = rank_devices(plan, device)
+    else:
+        results['device'] = ','.join(str(d) for d in devices) if devices else str(device)
     if args.checkpoint:
         results['checkpoint'] = args.checkpoint
     _logger.info(
@@ -552,50 +466,53 @@ def format_results(results: Dict[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-def setup_logging() -> None:
-    """timm's default logging, unless the process (e.g. pytest) configured logging already."""
-    if not logging.getLogger().handlers:
-        setup_default_logging()
-
-
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
-    """Command line entry point; returns the result rows (raises SystemExit with a message on bad input)."""
-    setup_logging()
+    """Command line entry point; returns the result rows (raises SystemExit with a message on bad input).
+
+    With `--member-parallel` (under torchrun) every rank runs it and returns the rows; rank 0 prints and writes them.
+    """
     args = parser.parse_args(argv)
-    try:
+    with cli_session('validate.py', args.member_parallel) as rank:
+        if args.member_parallel and args.devices:
+            raise CliError('--devices (member threads in one process) and --member-parallel (one process per '
+                           'member) exclude each other.')
         model_names = expand_model_names(args.model, args.model_list)
         if len(model_names) > 1 and args.checkpoint:
             raise CliError('--checkpoint applies to a single model, but several models were given.')
         check_data_root(args)
-        if len(model_names) == 1:
-            results = [validate(args, model_names[0])]
-            print(format_results(results[0]))
-        else:
-            results = []
-            for name in model_names:
-                try:
-                    results.append(validate(args, name))
-                    print(format_results(results[-1]))
-                except CliError as e:
-                    _logger.error(f'{name}: {e}')
-                    results.append(OrderedDict(model=name, error=str(e)))
-    except CliError as e:
-        raise SystemExit(f'validate.py: error: {e}')
-    if args.results_file:
-        write_results(args.results_file, results, format=args.results_format)
-    if len(results) > 1:
-        print(f'{"model":<36} {"top1":>8} {"top5":>8} {"params(M)":>10} {"GMACs":>8}')
-        for r in results:
-            if 'error' in r:
-                print(f'{r["model"]:<36} error: {r["error"]}')
-            else:
-                print(f'{r["model"]:<36} {r["top1"]:>8.3f} {r["top5"]:>8.3f} {r["param_count"]:>10.3f} '
-                      f'{r["gmacs"] if r["gmacs"] is not None else "-":>8}')
-    print(f'--result\n{json.dumps(results, indent=4)}')
+        results = []
+        for name in model_names:
+            try:
+                results.append(validate(args, name))
+            except CliError as e:
+                if len(model_names) == 1:
+                    raise
+                _logger.error(f'{name}: {e}')
+                results.append(OrderedDict(model=name, error=str(e)))
+                continue
+            if rank == 0:
+                print(format_results(results[-1]))
+        if args.member_parallel:
+            finish_member_parallel()
+    if rank == 0:
+        print_results(results, args, table=summary_table(results) if len(results) > 1 else '')
     if any('error' in r for r in results):
         raise SystemExit(1)
     return results
 
 
+def summary_table(results: List[Dict[str, Any]]) -> str:
+    """One line per model (several models), errors included."""
+    lines = [f'{"model":<36} {"top1":>8} {"top5":>8} {"params(M)":>10} {"GMACs":>8}']
+    for r in results:
+        if 'error' in r:
+            lines.append(f'{r["model"]:<36} error: {r["error"]}')
+        else:
+            lines.append(f'{r["model"]:<36} {r["top1"]:>8.3f} {r["top5"]:>8.3f} {r["param_count"]:>10.3f} '
+                         f'{r["gmacs"] if r["gmacs"] is not None else "-":>8}')
+    return '\n'.join(lines)
+
+
 if __name__ == '__main__':
-    main()
+    from torch.distributed.elastic.multiprocessing.errors import record
+    record(main)()  # under torchrun: the failing rank's traceback in torchrun's summary

@@ -22,7 +22,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Un
 import torch
 import torch.nn as nn
 
-__all__ = ['ConcurrentMembers', 'parse_devices', 'resolve_device', 'synchronize_devices']
+__all__ = ['ConcurrentMembers', 'cuda_devices', 'parse_devices', 'resolve_device', 'synchronize_devices']
 
 DeviceLike = Union[str, torch.device]
 
@@ -68,9 +68,14 @@ def parse_devices(devices: Union[str, Sequence[DeviceLike]]) -> List[torch.devic
     return devices
 
 
-def synchronize_devices(devices: Iterable[torch.device]) -> None:
+def cuda_devices(devices: Iterable[DeviceLike]) -> List[torch.device]:
+    """The distinct CUDA devices in `devices`, sorted (empty for CPU-only lists)."""
+    return sorted({torch.device(d) for d in devices if torch.device(d).type == 'cuda'}, key=str)
+
+
+def synchronize_devices(devices: Iterable[DeviceLike]) -> None:
     """Wait for all queued work on every CUDA device in `devices` (nothing to do for CPU)."""
-    for d in sorted({torch.device(d) for d in devices if torch.device(d).type == 'cuda'}, key=str):
+    for d in cuda_devices(devices):
         torch.cuda.synchronize(d)
 
 
