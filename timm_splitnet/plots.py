@@ -12,8 +12,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ['plot_latency']
 
-_MODE_ORDER = ('undivided', 'single', 'sequential', 'concurrent')
-_MODE_COLORS = {'undivided': '#7f7f7f', 'single': '#7f7f7f', 'sequential': '#1f77b4', 'concurrent': '#d62728'}
+_MODE_ORDER = ('undivided', 'single', 'sequential', 'concurrent', 'member_parallel')
+_MODE_COLORS = {'undivided': '#7f7f7f', 'single': '#7f7f7f', 'sequential': '#1f77b4', 'concurrent': '#d62728',
+                'member_parallel': '#ff7f0e'}
 
 
 def _infer_latency(row: Dict[str, Any]) -> Optional[float]:
@@ -101,7 +102,7 @@ def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[s
         ax.legend(fontsize=8)
     if title is None:
         batch = sorted({r.get('infer_batch_size') or r.get('train_batch_size') for r in rows} - {None})
-        title = 'SplitNet latency: undivided vs sequential vs concurrent members' + (
+        title = 'SplitNet latency: undivided network vs its members (sequential / concurrent / member-parallel)' + (
             f' (batch {", ".join(str(b) for b in batch)})' if batch else '')
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
