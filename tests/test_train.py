@@ -1,0 +1,327 @@
+""" End-to-end tests of train.py (CPU, tiny settings)
+
+`train.main(argv)` runs in-process on the 200-image `cifar_folder`. The 2-epoch run that the export and resume tests
+share uses the registered `splitnet_resnet110_s2` as it is; the other runs give its members one block per stage
+(`--model-kwargs layers=(1,1,1)`) so that an epoch takes about a second on two cores.
+"""
+import csv
+import importlib.util
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm
+import timm_splitnet  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = 'splitnet_resnet110_s2'
+TINY = ['--model', MODEL, '--model-kwargs', 'layers=(1,1,1)', '-b', '32', '--workers', '0', '--device', 'cpu',
+        '--log-interval', '100', '--lr', '0.05', '--warmup-epochs', '0', '--checkpoint-hist', '1']
+FULL = TINY[:2] + TINY[4:]  # the registered model as it is
+# augmentation that draws from every random stream: RandAugment 'inc1' (python random), per-view random erasing
+# (torch), mixup + cutmix (numpy)
+AUGMENT = ['--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.5', '--remode', 'const', '--mixup', '0.2', '--cutmix', '1.0',
+           '--cot-warmup-epochs', '2']
+
+pytestmark = pytest.mark.slow
+
+
+def _load_train():
+    spec = importlib.util.spec_from_file_location('splitnet_train_script', ROOT / 'train.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_train()
+
+
+def _run(*argv):
+    return train.main([str(a) for a in argv])
+
+
+def _summary(folder):
+    with open(Path(folder) / 'summary.csv', newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def _error(*argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        _run(*argv)
+    assert e.value.code not in (0, None)
+    return str(e.value.code)
+
+
+@pytest.fixture(scope='module')
+def trained(cifar_folder, tmp_path_factory):
+    """A 2-epoch run of the full splitnet_resnet110_s2 with multi-view augmentation and mixup (prefetcher on)."""
+    out = tmp_path_factory.mktemp('train')
+    _run('--data-dir', cifar_folder, *FULL, *AUGMENT, '--epochs', 2, '--output', out, '--experiment', 'full')
+    return out / 'full'
+
+
+def test_end_to_end(trained, capsys):
+    rows = _summary(trained)
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    for row in rows:
+        for key in ('train_loss', 'train_loss_ce', 'train_loss_cot', 'train_cot_weight', 'eval_loss'):
+            assert float(row[key]) >= 0, key
+        for key in ('eval_top1', 'eval_top5', 'eval_member0_top1', 'eval_member1_top1', 'eval_member0_top5',
+                    'eval_member1_top5', 'eval_member_avg_top1'):
+            assert 0 <= float(row[key]) <= 100, key
+        assert float(row['train_loss']) == pytest.approx(
+            float(row['train_loss_ce']) + float(row['train_cot_weight']) * float(row['train_loss_cot']), rel=1e-4)
+        assert float(row['train_loss_cot']) > 0
+        assert int(row['train_bad_images']) == 0
+    # co-training weight warm-up over 2 epochs: floor 0.005 at epoch 0, 0.25 at epoch 1
+    assert [float(r['train_cot_weight']) for r in rows] == pytest.approx([0.005, 0.25])
+    # weight decay on conv / linear weights only (BN and biases not), undivided by default
+    groups = torch.load(trained / 'last.pth.tar', map_location='cpu', weights_only=True)['optimizer']['param_groups']
+    decays = {g['weight_decay']: len(g['params']) for g in groups}
+    model = timm.create_model(MODEL, num_classes=10)
+    params = list(model.parameters())
+    assert decays == {0.: sum(p.ndim <= 1 for p in params), 1e-4: sum(p.ndim > 1 for p in params)}
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'model.safetensors', 'config.json', 'args.yaml', 'curves.png'):
+        assert (trained / name).is_file(), name
+    assert not [p for p in os.listdir(trained) if p.endswith('.tmp')]
+
+
+def test_export_reloads_through_timm(trained):
+    checkpoint = torch.load(trained / 'model_best.pth.tar', map_location='cpu', weights_only=True)
+    reference = timm.create_model(MODEL, num_classes=10)
+    reference.load_state_dict(checkpoint['state_dict'])
+    weights = str(trained / 'model.safetensors')
+    model = timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=weights))
+    assert model.num_classes == 10
+    reference.eval()
+    model.eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        members = model.forward_members(x)
+    assert members.shape == (2, 4, 10)
+
+
+def test_resume_continues_exactly(trained, cifar_folder, tmp_path):
+    """Stop after epoch 0, resume: epoch 1 and the final weights equal the uninterrupted run's."""
+    common = ['--data-dir', cifar_folder, *FULL, *AUGMENT, '--epochs', 2, '--output', tmp_path, '--experiment', 'part']
+    _run(*common, '--stop-epoch', 0)
+    part = tmp_path / 'part'
+    assert [r['epoch'] for r in _summary(part)] == ['0']
+    assert not (part / 'model.safetensors').exists()  # stopped runs are not finished
+    _run(*common, '--resume', part / 'last.pth.tar')
+    full_rows, part_rows = _summary(trained), _summary(part)
+    assert [r['epoch'] for r in part_rows] == ['0', '1']
+    for full_row, part_row in zip(full_rows, part_rows):
+        for key, value in full_row.items():
+            assert float(part_row[key]) == pytest.approx(float(value), rel=1e-6, abs=1e-9), key
+    full = torch.load(trained / 'last.pth.tar', map_location='cpu', weights_only=True)
+    resumed = torch.load(part / 'last.pth.tar', map_location='cpu', weights_only=True)
+    for key, value in full['state_dict'].items():
+        torch.testing.assert_close(resumed['state_dict'][key], value, rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_no_prefetcher_same_view_ema_accum(cifar_folder, tmp_path):
+    """Without the prefetcher (collate_views), one shared view, EMA, gradient accumulation and clipping."""
+    _run('--data-dir', cifar_folder, *TINY, *AUGMENT, '--epochs', 1, '--no-prefetcher', '--same-view',
+         '--model-ema', '--model-ema-decay', '0.9', '--grad-accum-steps', '2', '--clip-grad', '1.0',
+         '--channels-last', '--output', tmp_path, '--experiment', 'x')
+    rows = _summary(tmp_path / 'x')
+    assert len(rows) == 1
+    assert 0 <= float(rows[0]['eval_ema_top1']) <= 100
+    assert float(rows[0]['train_loss_cot']) >= 0
+    assert (tmp_path / 'x' / 'model.safetensors').is_file()
+
+
+def test_no_prefetcher_multi_view(cifar_folder, tmp_path):
+    _run('--data-dir', cifar_folder, *TINY, '--epochs', 1, '--no-prefetcher', '--reprob', '0.5', '--mixup', '0.2',
+         '--split-views', '--cot-loss', 'kl', '--wd-divide', 'exp', '--no-plot', '--output', tmp_path,
+         '--experiment', 'x')
+    rows = _summary(tmp_path / 'x')
+    assert float(rows[0]['train_loss_cot']) > 0
+    groups = torch.load(tmp_path / 'x' / 'last.pth.tar', map_location='cpu', weights_only=True)['optimizer']
+    assert max(g['weight_decay'] for g in groups['param_groups']) == pytest.approx(1e-4 * math.exp(1 / 2 - 1))  # eq. 6
+
+
+def test_rrc_pipeline(cifar_folder, tmp_path):
+    """timm's RandomResizedCrop pipeline (ImageNet recipes) with AutoAugment and per-view erasing on the device."""
+    _run('--data-dir', cifar_folder, *TINY, '--epochs', 1, '--train-crop-mode', 'rrc', '--aa', 'original',
+         '--reprob', '0.5', '--smoothing', '0.1', '--no-plot', '--output', tmp_path, '--experiment', 'x')
+    assert len(_summary(tmp_path / 'x')) == 1
+
+
+def test_digits_config_parses():
+    args, _ = train._parse_args(['-c', str(ROOT / 'configs' / 'digits_cpu.yaml')])
+    assert args.dataset == 'sklearn/digits'
+    # defaults set by a config do not leak into the next parse
+    args, _ = train._parse_args([])
+    assert args.dataset == ''
+
+
+@pytest.mark.parametrize('config', sorted(p.name for p in (ROOT / 'configs').glob('*.yaml')))
+def test_configs_are_valid(config):
+    args, _ = train._parse_args(['-c', str(ROOT / 'configs' / config)])
+    assert args.model.startswith('splitnet_')
+    assert args.model in timm.list_models('splitnet_*')
+
+
+def test_config_with_unknown_key(tmp_path):
+    config = tmp_path / 'bad.yaml'
+    config.write_text('lr: 0.1\nlearning_rate: 0.1\n')
+    assert 'learning_rate' in _error('-c', config)
+
+
+def test_missing_data_dir(tmp_path):
+    message = _error('--data-dir', tmp_path / 'nowhere', *TINY, '--epochs', 1)
+    assert 'does not exist' in message and 'nowhere' in message
+    assert 'needs --data-dir' in _error(*TINY, '--epochs', 1)
+
+
+def test_empty_data_dir(tmp_path):
+    (tmp_path / 'train').mkdir()
+    message = _error('--data-dir', tmp_path, *TINY, '--epochs', 1)
+    assert 'No image files' in message
+
+
+def test_resume_checkpoint_of_another_model(trained, cifar_folder, tmp_path):
+    message = _error(
+        '--data-dir', cifar_folder, *TINY, '--model', 'splitnet_wrn16_8_s2', '--model-kwargs', 'widen_factor=1',
+        '--resume', trained / 'last.pth.tar', '--epochs', 1, '--output', tmp_path)
+    assert MODEL in message and 'splitnet_wrn16_8_s2' in message
+
+
+def test_resume_unreadable_checkpoint(cifar_folder, tmp_path):
+    bad = tmp_path / 'last.pth.tar'
+    bad.write_bytes(b'not a checkpoint')
+    assert 'not a readable training checkpoint' in _error(
+        '--data-dir', cifar_folder, *TINY, '--resume', bad, '--epochs', 1, '--output', tmp_path)
+
+
+def test_split_views_needs_a_splitnet(cifar_folder, tmp_path):
+    message = _error('--data-dir', cifar_folder, *TINY, '--model', 'resnet10t', '--split-views', '--epochs', 1,
+                     '--output', tmp_path)
+    assert '--split-views needs a SplitNet' in message and 'resnet10t' in message
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_folder, tmp_path, monkeypatch):
+    from timm_splitnet.task import CoTrainingTask
+    forward = CoTrainingTask.forward
+
+    def nan_in_epoch_1(self, input, target):
+        result = forward(self, input, target)
+        if self.criterion.epoch >= 1:
+            result['loss'] = result['loss'] * float('nan')
+        return result
+
+    monkeypatch.setattr(CoTrainingTask, 'forward', nan_in_epoch_1)
+    message = _error('--data-dir', cifar_folder, *TINY, '--epochs', 3, '--output', tmp_path, '--experiment', 'x')
+    assert 'NaN or infinite' in message and 'epoch 1' in message and 'last.pth.tar' in message
+    last = torch.load(tmp_path / 'x' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert last['epoch'] == 0
+    assert all(torch.isfinite(v).all() for v in last['state_dict'].values() if v.is_floating_point())
+    assert [r['epoch'] for r in _summary(tmp_path / 'x')] == ['0']
+
+
+def test_unreadable_images_are_skipped_and_counted(cifar_folder, tmp_path):
+    data = tmp_path / 'data'
+    shutil.copytree(cifar_folder, data)
+    good = sorted((data / 'train' / 'cat').iterdir())[0]
+    (data / 'train' / 'cat' / 'truncated.jpg').write_bytes(good.read_bytes()[:300])
+    _run('--data-dir', data, *TINY, '--epochs', 1, '--no-plot', '--output', tmp_path, '--experiment', 'x')
+    rows = _summary(tmp_path / 'x')
+    assert int(rows[0]['train_bad_images']) == 1
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous last.pth.tar intact and no temporary file behind."""
+    from timm_splitnet import train_state
+    keeper = train_state.CheckpointKeeper(str(tmp_path), max_history=1)
+    keeper.save(0, dict(epoch=0, state_dict={'w': torch.ones(3)}), metric=10.)
+
+    def failing_save(obj, path, *args, **kwargs):
+        with open(path, 'wb') as f:
+            f.write(b'partial')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(train_state.torch, 'save', failing_save)
+    with pytest.raises(OSError):
+        keeper.save(1, dict(epoch=1, state_dict={'w': torch.zeros(3)}), metric=20.)
+    monkeypatch.undo()
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar'):
+        checkpoint = train_state.load_checkpoint_file(str(tmp_path / name))
+        assert checkpoint['epoch'] == 0
+        torch.testing.assert_close(checkpoint['state_dict']['w'], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
+
+
+def test_checkpoint_keeper_history(tmp_path):
+    from timm_splitnet.train_state import CheckpointKeeper
+    keeper = CheckpointKeeper(str(tmp_path), max_history=2)
+    for epoch, metric in enumerate([10., 30., 20., 5.]):
+        keeper.save(epoch, dict(epoch=epoch, state_dict={}), metric=metric)
+    assert keeper.best_epoch == 1 and keeper.best_metric == 30.
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith('checkpoint-')) == [
+        'checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']
+    assert torch.load(tmp_path / 'model_best.pth.tar', weights_only=True)['epoch'] == 1
+    assert torch.load(tmp_path / 'last.pth.tar', weights_only=True)['epoch'] == 3
+
+
+def test_rng_state_round_trip():
+    import random
+
+    import numpy as np
+    from timm_splitnet.train_state import get_rng_state, set_rng_state
+    state = get_rng_state()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_plot_curves(tmp_path):
+    from timm_splitnet.train_plots import plot_curves
+    summary = tmp_path / 'summary.csv'
+    summary.write_text(
+        'epoch,train_loss,train_loss_ce,train_loss_cot,eval_loss,eval_top1,eval_member0_top1,eval_member1_top1,lr\n'
+        '0,4.0,3.9,0.2,2.0,30,25,26,0.1\n1,3.0,2.9,0.1,1.5,50,45,44,0.05\n')
+    png = plot_curves(str(summary), str(tmp_path / 'curves.png'))
+    assert Path(png).stat().st_size > 1000
+
+
+def test_task_mixes_all_views_alike():
+    """One lambda, partner and CutMix box for all views: identical views stay identical after mixing."""
+    from timm.data import Mixup
+    from timm_splitnet.loss import CoTrainingLoss
+    from timm_splitnet.task import CoTrainingTask
+    model = timm.create_model(MODEL, num_classes=10, layers=(1, 1, 1))
+    mixup = Mixup(mixup_alpha=1., cutmix_alpha=1., num_classes=10)
+    task = CoTrainingTask(model, CoTrainingLoss(), num_views=2, mixup_fn=mixup)
+    view = torch.randn(8, 3, 32, 32)
+    target = torch.arange(8)
+    for _ in range(4):
+        x, soft = task.split_batch(torch.cat([view, view]), target.repeat(2))
+        assert x.shape == (8, 6, 32, 32) and soft.shape == (8, 10)
+        torch.testing.assert_close(x[:, :3], x[:, 3:])
+    result = task(torch.randn(16, 3, 32, 32), target.repeat(2))
+    assert result['batch_size'] == 8 and result['output'].shape == (8, 10)
+    assert result['loss'].item() == pytest.approx(
+        result['loss_ce'].item() + result['cot_weight'] * result['loss_cot'].item(), rel=1e-5)
+
+
+def test_validate_members_matches_the_model():
+    from timm_splitnet.task import validate_members
+    torch.manual_seed(0)
+    model = timm.create_model(MODEL, num_classes=10, layers=(1, 1, 1)).eval()
+    data = [(torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))) for _ in range(3)]
+    metrics = validate_members(model, data, log_interval=0)
+    x, y = torch.cat([d[0] for d in data]), torch.cat([d[1] for d in data])
+    with torch.no_grad():
+        ensemble, members = model(x), model.forward_members(x)
+    assert metrics['top1'] == pytest.approx(100. * (ensemble.argmax(1) == y).float().mean().item())
+    for i in range(2):
+        assert metrics[f'member{i}_top1'] == pytest.approx(100. * (members[i].argmax(1) == y).float().mean().item())
+    assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(ensemble, y).item(), rel=1e-5)
+    assert not model.training

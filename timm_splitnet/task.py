@@ -1,0 +1,241 @@
+""" Co-training task and member-wise evaluation for timm's task layer
+
+`CoTrainingTask` is a `timm.task.TrainingTask`: `task(input, target)` runs one SplitNet training forward on a
+multi-view batch and returns the co-training loss and its parts. It owns the SplitNet-specific batch handling, so a
+training script keeps timm's loop unchanged:
+
+* the loader's split-major multi-view batch `[S * B, C, H, W]` (targets repeated S times, timm's `fast_collate`
+  layout) becomes the SplitNet layout `[B, S * C, H, W]` (member i sees channels `i*C .. i*C + C - 1`);
+* Mixup / CutMix run once on that layout: one lambda, one partner and one box shared by all views, soft targets
+  `[B, num_classes]` for every member (`timm_splitnet.data.mixup_views`);
+* the member logits `[S, B, C]` go through `CoTrainingLoss` (sum of the members' CE + weighted JS divergence).
+
+`validate_members` evaluates the ensemble and every member in one pass (the members run once, the ensemble is
+combined from their logits the way the model's eval forward does).
+
+Paper: "SplitNet: Divide and Co-training" (Zhao et al.), https://arxiv.org/abs/2011.14660
+
+Hacked together by the timm-splitnet authors
+"""
+import logging
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from typing import Any, Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.task import TrainingTask
+from timm.utils import accuracy, unwrap_model
+
+from .data import mixup_views, views_to_channels
+from .loss import CoTrainingLoss
+
+__all__ = ['CoTrainingTask', 'validate_members', 'is_splitnet']
+
+_logger = logging.getLogger(__name__)
+
+
+def is_splitnet(model: nn.Module) -> bool:
+    """True for a SplitNet (possibly wrapped in DDP / torch.compile / EMA)."""
+    return hasattr(unwrap_model(model), 'forward_members')
+
+
+class CoTrainingTask(TrainingTask):
+    """Divide-and-co-train training task (paper eq. 8-9) on timm's task layer.
+
+    `forward(input, target)` returns a dict with `loss` (to back-propagate), `loss_ce` (sum of the members'
+    classification losses), `loss_cot` (unweighted co-training divergence), `cot_weight` and `output` (ensemble
+    logits, mean over members). A model that is not a SplitNet is trained as a single member (plain CE).
+
+    EMA, checkpoint state and `no_sync` come from `TrainingTask`; `prepare_distributed` wraps the model in DDP and
+    `compile` compiles it, like timm's `ClassificationTask`.
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            criterion: CoTrainingLoss,
+            num_views: int = 1,
+            mixup_fn: Optional[Callable] = None,
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+            verbose: bool = True,
+    ):
+        """
+        Args:
+            model: The SplitNet (or any timm classifier) to train.
+            criterion: Co-training loss applied to member logits [S, B, C].
+            num_views: Views per sample in the batch: S for one view per member (split-major `[S * B, C, H, W]`
+                batches), 1 when every member sees the same image `[B, C, H, W]`.
+            mixup_fn: Optional `timm.data.Mixup`, applied once per batch to all views alike.
+            device: Device of the task.
+            dtype: Dtype of the task.
+            verbose: Log the configuration.
+        """
+        super().__init__(device=device, dtype=dtype, verbose=verbose)
+        split_factor = getattr(model, 'split_factor', 1)
+        if num_views not in (1, split_factor):
+            raise ValueError(
+                f'CoTrainingTask: num_views must be 1 (same view for every member) or the number of members '
+                f'({split_factor}), got {num_views}.')
+        self.trainable_module = model
+        self.criterion = criterion
+        self.num_views = num_views
+        self.mixup_fn = mixup_fn
+        self.split_factor = split_factor
+        self.eval_members_fn: Optional[Callable] = None
+        if self.verbose:
+            _logger.info(
+                f'CoTrainingTask: {split_factor} member(s), {num_views} view(s) per sample, criterion={criterion}, '
+                f'mixup={"on" if mixup_fn is not None else "off"}')
+
+    def set_epoch(self, epoch: float) -> None:
+        """Set the epoch of the co-training weight warm-up (call at the start of every epoch)."""
+        self.criterion.set_epoch(epoch)
+
+    def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'CoTrainingTask':
+        """Wrap the model in DistributedDataParallel (every member receives gradients at every step)."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        return self
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        """Compile the model (before DDP); the member-wise eval forward is compiled too."""
+        model = self.trainable_module
+        if is_splitnet(model):
+            self.eval_members_fn = torch.compile(model.forward_members, backend=backend, mode=mode, **compile_kwargs)
+        self.trainable_module = torch.compile(model, backend=backend, mode=mode, **compile_kwargs)
+        self.eval_model = self.trainable_module
+        return self.trainable_module
+
+    def split_batch(self, input: torch.Tensor, target: torch.Tensor):
+        """Loader batch to model input and one target per sample.
+
+        `[S * B, C, H, W]` split-major views become `[B, S * C, H, W]` and repeated targets `[S * B]` become `[B]`;
+        single-view batches pass through. Mixup (when enabled) is applied here, once for all views.
+        """
+        if self.num_views > 1:
+            batch_size = input.shape[0] // self.num_views
+            input = views_to_channels(input, self.num_views)
+            if target.shape[0] == batch_size * self.num_views:
+                target = target[:batch_size]
+        if self.mixup_fn is not None and target.ndim == 1:
+            # also after mixup is switched off (mixup_enabled=False): timm's Mixup then returns the label-smoothed
+            # one-hot targets the soft-target criterion expects
+            input, target = mixup_views(self.mixup_fn, input, target)
+        return input, target
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, Any]:
+        """Co-training forward.
+
+        Args:
+            input: Split-major views `[S * B, C, H, W]` (or `[B, C, H, W]` with one view per sample).
+            target: Class indices `[S * B]` / `[B]`, or soft targets `[B, num_classes]`.
+
+        Returns:
+            Dict with `loss`, `loss_ce`, `loss_cot`, `cot_weight`, `output` (ensemble logits) and `batch_size`.
+        """
+        input, target = self.split_batch(input, target)
+        logits = self.trainable_module(input)
+        if logits.ndim == 2:  # not a SplitNet: one member
+            logits = logits.unsqueeze(0)
+        out = self.criterion(logits, target)
+        return {
+            'loss': out.loss,
+            'loss_ce': out.loss_ce.detach(),
+            'loss_cot': out.loss_cot.detach(),
+            'cot_weight': out.cot_weight,
+            'output': logits.detach().mean(0),
+            'batch_size': input.shape[0],
+        }
+
+
+@torch.no_grad()
+def validate_members(
+        model: nn.Module,
+        loader,
+        device: torch.device = torch.device('cpu'),
+        amp_autocast: Callable = nullcontext,
+        channels_last: bool = False,
+        distributed: bool = False,
+        log_interval: int = 50,
+        log_prefix: str = 'Test',
+        forward_members: Optional[Callable] = None,
+        verbose: bool = True,
+) -> Dict[str, float]:
+    """Ensemble and member accuracy of a SplitNet (or a plain classifier) on `loader`.
+
+    Args:
+        model: SplitNet or classifier, possibly wrapped (DDP, torch.compile, EMA).
+        loader: Eval loader of single images `[B, C, H, W]` (prefetcher or not).
+        device: Device of the model.
+        amp_autocast: Autocast context factory.
+        channels_last: Convert inputs to channels-last.
+        distributed: Sum the counts over all processes.
+        log_interval: Log every this many batches.
+        log_prefix: Prefix of the progress lines.
+        forward_members: Callable returning member logits [S, B, C] (e.g. a compiled `forward_members`); defaults to
+            the unwrapped model's `forward_members`.
+        verbose: Log progress lines.
+
+    Returns:
+        `loss` (CE of the ensemble), `top1`, `top5` (ensemble) and, for a SplitNet, `member{i}_top1`,
+        `member{i}_top5` for every member and `member_avg_top1`; accuracies in percent.
+    """
+    base = unwrap_model(model)
+    splitnet = hasattr(base, 'forward_members')
+    if splitnet and forward_members is None:
+        forward_members = base.forward_members
+    was_training = model.training
+    model.eval()
+    num_members = base.split_factor if splitnet else 1
+    # device sums (no host sync per batch): [loss, ens top1, ens top5, m0 top1, m0 top5, m1 top1, ...]; images on host
+    sums = torch.zeros(3 + 2 * num_members, dtype=torch.float64, device=device)
+    count = 0
+    start = time.time()
+    last_idx = len(loader) - 1
+    for batch_idx, (input, target) in enumerate(loader):
+        input = input.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            if splitnet:
+                members = forward_members(input)
+                output = base.combine(members)
+            else:
+                output = model(input)
+                if isinstance(output, (tuple, list)):
+                    output = output[0]
+                members = output.unsqueeze(0)
+        output = output.float()
+        batch_size = input.shape[0]
+        stats = [F.cross_entropy(output, target), *accuracy(output, target, topk=(1, 5))]
+        if splitnet:
+            for member_logits in members.float():
+                stats += accuracy(member_logits, target, topk=(1, 5))
+        else:
+            stats += stats[1:3]
+        sums += torch.stack(stats).double() * batch_size  # accuracies in percent
+        count += batch_size
+        if verbose and log_interval and (batch_idx % log_interval == 0 or batch_idx == last_idx):
+            loss, top1, top5 = (v / count for v in sums[:3].tolist())
+            _logger.info(
+                f'{log_prefix}: [{batch_idx:>4d}/{last_idx}]  Time: {time.time() - start:.1f}s  '
+                f'Loss: {loss:>7.3f}  Acc@1: {top1:>7.3f}  Acc@5: {top5:>7.3f}')
+    sums = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=device)])
+    if distributed:
+        torch.distributed.all_reduce(sums)
+    model.train(was_training)
+    *sums, count = sums.tolist()
+    count = max(count, 1.)
+    metrics = OrderedDict(loss=sums[0] / count, top1=sums[1] / count, top5=sums[2] / count)
+    if splitnet:
+        for i in range(num_members):
+            metrics[f'member{i}_top1'] = sums[3 + 2 * i] / count
+            metrics[f'member{i}_top5'] = sums[4 + 2 * i] / count
+        metrics['member_avg_top1'] = sum(metrics[f'member{i}_top1'] for i in range(num_members)) / num_members
+    return metrics

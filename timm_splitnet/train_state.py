@@ -1,0 +1,169 @@
+""" Training state for exact resumption: RNG states and an atomic checkpoint keeper
+
+A run resumed from the checkpoint of epoch k must reproduce the uninterrupted run's later epochs. Besides the
+model, optimizer, scheduler, AMP scaler and EMA states, that needs every random stream the data pipeline and the
+model draw from: Python's `random` (RandAugment / AutoAugment op choice), NumPy (timm Mixup's lambda) and torch
+(CPU: shuffling order, loader worker seeds, crops, flips, dropout; CUDA: prefetcher random erasing, dropout).
+`get_rng_state` / `set_rng_state` capture and restore them, per process (`gather_rng_states` collects every rank's
+state so that a DDP run resumes every rank exactly).
+
+`CheckpointKeeper` writes `last.pth.tar` every epoch, `model_best.pth.tar` when the selection metric (ensemble
+top-1) improves, and keeps `checkpoint-<epoch>.pth.tar` for the `max_history` best epochs. Every file is written
+through `timm_splitnet.checkpoint.atomic_save` (temporary file + rename), so a kill or a failing write during a
+save leaves the previous file intact.
+
+Hacked together by the timm-splitnet authors
+"""
+import logging
+import os
+import random
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .checkpoint import atomic_save
+
+__all__ = ['get_rng_state', 'set_rng_state', 'gather_rng_states', 'CheckpointKeeper', 'load_checkpoint_file']
+
+_logger = logging.getLogger(__name__)
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """The Python, NumPy, torch CPU and (initialised) CUDA random states of this process.
+
+    Only plain containers, numbers, strings and tensors: the result survives `torch.load(weights_only=True)`.
+    """
+    np_state = np.random.get_state()
+    state = dict(
+        python=random.getstate(),
+        numpy=(np_state[0], [int(k) for k in np_state[1]], int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        torch=torch.get_rng_state(),
+    )
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    """Restore a state from `get_rng_state` (CUDA states only when the device count matches)."""
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state['torch'].cpu())
+    cuda = state.get('cuda')
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:
+            _logger.warning(
+                f'Checkpoint holds CUDA RNG states of {len(cuda)} device(s), this machine has '
+                f'{torch.cuda.device_count()}: CUDA random streams are not restored.')
+
+
+def gather_rng_states(distributed: bool = False) -> List[Dict[str, Any]]:
+    """The RNG state of every rank (index = rank); a list of one without distributed training."""
+    state = get_rng_state()
+    if not distributed:
+        return [state]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def load_checkpoint_file(path: str) -> Dict[str, Any]:
+    """Load a training checkpoint on the CPU (`weights_only=True`: only tensors and plain containers)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'No checkpoint at {path}.')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # truncated file, not a checkpoint, unpickling refused
+        raise ValueError(f'{path} is not a readable training checkpoint: {e}') from e
+    if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
+        raise ValueError(f'{path} is not a training checkpoint of this script (no state_dict).')
+    return checkpoint
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    if os.path.exists(dst):
+        os.remove(dst)
+    try:
+        os.link(src, dst)  # the same inode: later replacements of src do not touch dst
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+class CheckpointKeeper:
+    """Write `last.pth.tar`, `model_best.pth.tar` and the best `checkpoint-<epoch>.pth.tar` files atomically.
+
+    Higher metrics are better (ensemble top-1). The keeper's own state (best metric and epoch, history) is stored
+    in every checkpoint under 'keeper' so a resumed run continues the same bookkeeping.
+    """
+
+    def __init__(self, checkpoint_dir: str, max_history: int = 10):
+        """
+        Args:
+            checkpoint_dir: Output folder.
+            max_history: Number of `checkpoint-<epoch>.pth.tar` files kept (best metrics first); 0 keeps none.
+        """
+        self.checkpoint_dir = checkpoint_dir
+        self.max_history = max_history
+        self.best_metric: Optional[float] = None
+        self.best_epoch: Optional[int] = None
+        self.history: List[Tuple[str, float]] = []  # (file name, metric), best first
+
+    @property
+    def last_path(self) -> str:
+        return os.path.join(self.checkpoint_dir, 'last.pth.tar')
+
+    @property
+    def best_path(self) -> str:
+        return os.path.join(self.checkpoint_dir, 'model_best.pth.tar')
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(best_metric=self.best_metric, best_epoch=self.best_epoch, history=[list(h) for h in self.history])
+
+    def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
+        if not state:
+            return
+        self.best_metric = state.get('best_metric')
+        self.best_epoch = state.get('best_epoch')
+        history = [(name, metric) for name, metric in state.get('history', [])]
+        # files of another output folder (resume elsewhere) are not ours to manage
+        self.history = [h for h in history if os.path.isfile(os.path.join(self.checkpoint_dir, h[0]))]
+
+    def save(self, epoch: int, state: Dict[str, Any], metric: Optional[float] = None) -> bool:
+        """Write the checkpoint of `epoch`.
+
+        Args:
+            epoch: Epoch just finished.
+            state: Checkpoint content (model, optimizer, ...); the keeper adds 'keeper' and 'metric'.
+            metric: Selection metric of this epoch (higher is better), or None without evaluation.
+
+        Returns:
+            True if this epoch is the new best.
+        """
+        is_best = metric is not None and (self.best_metric is None or metric > self.best_metric)
+        if is_best:
+            self.best_metric, self.best_epoch = metric, epoch
+        name = f'checkpoint-{epoch}.pth.tar'
+        evicted = []
+        keep = (
+            metric is not None and self.max_history > 0 and
+            (len(self.history) < self.max_history or metric > self.history[-1][1]))
+        if keep:
+            history = sorted([h for h in self.history if h[0] != name] + [(name, metric)], key=lambda h: -h[1])
+            self.history, evicted = history[:self.max_history], history[self.max_history:]
+        state = dict(state, keeper=self.state_dict(), metric=metric)
+        atomic_save(self.last_path, lambda tmp: torch.save(state, tmp))
+        if is_best:
+            atomic_save(self.best_path, lambda tmp: _link_or_copy(self.last_path, tmp))
+        if keep:
+            atomic_save(os.path.join(self.checkpoint_dir, name), lambda tmp: _link_or_copy(self.last_path, tmp))
+        for old, _ in evicted:
+            path = os.path.join(self.checkpoint_dir, old)
+            if os.path.exists(path):
+                os.remove(path)
+        return is_best
