@@ -22,7 +22,8 @@ class PaperEntry(NamedTuple):
 
 def _rows(arch, table, num_classes, img_size, params, gflops, splits=(1, 2, 4), with_buffers=False):
     return [
-        PaperEntry(arch, s, table, num_classes, img_size, p, f, with_buffers) for s, p, f in zip(splits, params, gflops)]
+        PaperEntry(arch, s, table, num_classes, img_size, p, f, with_buffers)
+        for s, p, f in zip(splits, params, gflops)]
 
 
 _C100, _C10, _IN = 'CIFAR-100 (Table 2)', 'CIFAR-10 (Table 3)', 'ImageNet (Table 4)'
