@@ -13,8 +13,11 @@ Examples:
     python train.py -c configs/digits_cpu.yaml
     # a paper recipe (CIFAR-100 folder in ImageNet layout, or --dataset torch/cifar100 --dataset-download)
     python train.py -c configs/cifar100_wrn28_10_s4.yaml --data-dir /data/cifar100
-    # 8 GPUs
+    # 8 GPUs, DDP: every process holds the whole SplitNet
     torchrun --nproc_per_node=8 train.py -c configs/imagenet_resnet50_s2.yaml --data-dir /data/imagenet
+    # member-parallel: member i on GPU i mod N (N divides S, or N = S x replicas); checkpoints as single-process
+    torchrun --nproc_per_node=2 train.py -c configs/imagenet_resnet50_s2.yaml --data-dir /data/imagenet \
+        --member-parallel
 
 Per epoch, `summary.csv` in the output folder holds the train loss and its CE / co-training parts and the eval top-1
 / top-5 of the ensemble (`eval_top1`, `eval_top5`) and of every member (`eval_member<i>_top1`, ...).
@@ -42,19 +45,18 @@ from timm.data import Mixup, resolve_data_config, create_loader
 from timm.data.random_erasing import RandomErasing
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.utils import (
-    NativeScaler, ParseKwargs, dispatch_clip_grad, distribute_bn, get_outdir, init_distributed_device, random_seed,
-    unwrap_model, update_summary)
+from timm.utils import NativeScaler, ParseKwargs, get_outdir, random_seed, update_summary
 
 from timm_splitnet import divide_weight_decay, export_model  # importing timm_splitnet registers the splitnet_* models
 from timm_splitnet.cli import (
-    CliError, autocast_factory, cli_errors, create_model_checked, resolve_amp_dtype, set_split_backend, setup_logging,
-    torchrun_rank)
+    CliError, add_member_parallel_args, autocast_factory, cli_errors, create_model_checked, resolve_amp_dtype,
+    setup_logging, torchrun_rank)
 from timm_splitnet.data import (
     MultiViewDataset, collate_views, create_dataset, create_eval_transform, create_random_erasing,
     create_train_transform)
 from timm_splitnet.loss import CoTrainingLoss
 from timm_splitnet.task import CoTrainingTask, is_splitnet, validate_members
+from timm_splitnet.train_parallel import DataParallelTraining, MemberParallelTraining
 from timm_splitnet.train_state import CheckpointKeeper, gather_rng_states, load_checkpoint_file, set_rng_state
 
 _logger = logging.getLogger('train')
@@ -158,6 +160,7 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--sync-bn', action='store_true', default=False, help='Enable synchronized BatchNorm.')
     group.add_argument('--dist-bn', type=str, default='reduce',
                        help='Distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
+    add_member_parallel_args(parser)
 
     group = parser.add_argument_group('Optimizer parameters')
     group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER',
@@ -386,18 +389,19 @@ def _resolve_views(args, model: nn.Module) -> int:
     return 1 if args.same_view else split_factor
 
 
-def _create_loaders(args, data_config, dataset_train, dataset_eval, num_views: int, device: torch.device):
+def _create_loaders(
+        args, data_config, dataset_train, dataset_eval, num_views: int, device: torch.device,
+        parallel: DataParallelTraining):
     input_size = data_config['input_size']
     crop_mode = args.train_crop_mode or ('pad' if max(input_size[1:]) <= 64 else 'rrc')
     train_interpolation = args.train_interpolation or data_config['interpolation']
-    if num_views > 1:
-        dataset_train = MultiViewDataset(dataset_train, num_views)
+    dataset_train = parallel.train_dataset(dataset_train, num_views)
     common = dict(
         input_size=input_size,
         mean=data_config['mean'],
         std=data_config['std'],
         num_workers=args.workers,
-        distributed=args.distributed,
+        distributed=parallel.sampler_distributed,
         pin_memory=args.pin_mem,
         device=device,
         use_prefetcher=args.prefetcher,
@@ -409,7 +413,7 @@ def _create_loaders(args, data_config, dataset_train, dataset_eval, num_views: i
         batch_size=args.batch_size,
         is_training=True,
         no_aug=True,
-        collate_fn=collate_views if num_views > 1 and not args.prefetcher else None,
+        collate_fn=collate_views if isinstance(dataset_train, MultiViewDataset) and not args.prefetcher else None,
         persistent_workers=False,  # fresh workers every epoch: seeded from the (checkpointed) torch RNG
         **common,
     )
@@ -458,7 +462,8 @@ def _create_loaders(args, data_config, dataset_train, dataset_eval, num_views: i
             crop_mode=data_config.get('crop_mode'),
             **transform_kwargs,
         )
-    return loader_train, loader_eval, crop_mode
+        loader_eval = parallel.loader(loader_eval, is_training=False)
+    return parallel.loader(loader_train, is_training=True), loader_eval, crop_mode
 
 
 def _resume(args, checkpoint: Dict[str, Any], task: CoTrainingTask, ema: bool = False) -> None:
@@ -478,7 +483,9 @@ def _train(argv=None) -> int:
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = init_distributed_device(args)
+    parallel = MemberParallelTraining(args.seed, args.dist_timeout, args.dist_backend) if args.member_parallel \
+        else DataParallelTraining(args.seed)
+    device = parallel.init_device(args)
     primary = args.rank == 0
     if not primary:
         logging.getLogger().setLevel(logging.WARNING)
@@ -487,13 +494,14 @@ def _train(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     if args.distributed:
         _logger.info(
-            f'Training in distributed mode with {args.world_size} processes, rank {args.rank}, device {device}.')
+            f'Training in {"member-parallel" if args.member_parallel else "distributed"} mode with '
+            f'{args.world_size} processes, rank {args.rank}, device {device}.')
     else:
         _logger.info(f'Training with a single process on {device}.')
 
     amp_dtype = resolve_amp_dtype(args.amp_dtype)
     amp_autocast = autocast_factory(device, amp_dtype if args.amp else None)
-    random_seed(args.seed, args.rank)
+    random_seed(args.seed, 0)  # every rank builds the model of a single-process run (member-parallel: its members)
 
     # ----- data sets (first: the model's head follows the data set's classes) -----
     dataset_train, dataset_eval = _create_datasets(args)
@@ -507,24 +515,23 @@ def _train(argv=None) -> int:
 
     # ----- model -----
     model = _create_model(args, args.num_classes)
+    if args.rank:
+        random_seed(args.seed, args.rank)  # then every rank its own random streams
     num_views = _resolve_views(args, model)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
-    model.to(device=device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    backend = set_split_backend(model, args.split_backend)
-    if args.distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     split_factor = model.split_factor if is_splitnet(model) else 1
+    num_params = sum(p.numel() for p in model.parameters())
+    model, backend = parallel.setup_model(
+        model, device, split_backend=args.split_backend, sync_bn=args.sync_bn, channels_last=args.channels_last)
     _logger.info(
-        f'Model {args.model}: {split_factor} member(s), {sum(p.numel() for p in model.parameters()):,} parameters, '
-        f'{args.num_classes} classes, {num_views} view(s) per image, split backend {backend}.')
+        f'Model {args.model}: {split_factor} member(s), {num_params:,} parameters, {args.num_classes} classes, '
+        f'{num_views} view(s) per image, split backend {backend}.')
 
     # ----- data loaders, mixup, loss, task -----
     loader_train, loader_eval, crop_mode = _create_loaders(
-        args, data_config, dataset_train, dataset_eval, num_views, device)
+        args, data_config, dataset_train, dataset_eval, num_views, device, parallel)
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
         mixup_fn = Mixup(
@@ -535,7 +542,7 @@ def _train(argv=None) -> int:
     criterion = CoTrainingLoss(
         cot_weight=args.cot_weight, cot_loss=args.cot_loss, warmup_epochs=args.cot_warmup_epochs,
         smoothing=0. if mixup_fn is not None else args.smoothing)
-    task = CoTrainingTask(model, criterion, num_views=num_views, mixup_fn=mixup_fn, device=device, verbose=primary)
+    task = parallel.create_task(model, criterion, num_views, mixup_fn=mixup_fn, device=device, verbose=primary)
 
     # ----- optimizer (conv / linear weights decayed, BN and biases not: timm's filter_bias_and_bn) -----
     weight_decay = divide_weight_decay(args.weight_decay, split_factor, args.wd_divide)
@@ -549,9 +556,7 @@ def _train(argv=None) -> int:
     _logger.info(
         f'Optimizer {args.opt}: lr {args.lr}, weight decay {weight_decay:.3g} '
         f'({args.weight_decay:g} divided by S={split_factor}: {args.wd_divide}).')
-    loss_scaler = None
-    if args.amp and device.type == 'cuda' and amp_dtype == torch.float16:
-        loss_scaler = NativeScaler(device=device.type)
+    loss_scaler = parallel.create_loss_scaler(device, amp_dtype if args.amp else None, args.clip_grad)
 
     # ----- resume -----
     checkpoint = None
@@ -565,7 +570,7 @@ def _train(argv=None) -> int:
         start_epoch = checkpoint.get('epoch', -1) + 1
         if not args.no_resume_opt:
             if 'optimizer' in checkpoint:
-                optimizer.load_state_dict(checkpoint['optimizer'])
+                parallel.load_optimizer_state_dict(optimizer, model, checkpoint['optimizer'])
             if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
                 loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
         _logger.info(f'Resumed {args.resume} (epoch {checkpoint.get("epoch")}), continuing at epoch {start_epoch}.')
@@ -579,9 +584,7 @@ def _train(argv=None) -> int:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         if args.model_ema:
             task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
-    if args.distributed:
-        task.prepare_distributed(
-            device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=not args.no_ddp_bb)
+    parallel.prepare_distributed(task, device, broadcast_buffers=not args.no_ddp_bb)
     model = task.get_trainable_module()
     model_ema = task.get_trainable_module(ema=True)
 
@@ -641,7 +644,7 @@ def _train(argv=None) -> int:
         try:
             train_metrics, num_updates = train_one_epoch(
                 epoch, task, loader_train, optimizer, args, device, lr_scheduler, amp_autocast, loss_scaler,
-                num_updates)
+                num_updates, parallel)
         except NonFiniteLossError as e:
             kept = f'; the last good checkpoint is {keeper.last_path}' if keeper and os.path.exists(
                 keeper.last_path) else ''
@@ -652,10 +655,7 @@ def _train(argv=None) -> int:
             if bad:
                 _logger.warning(f'Epoch {epoch}: {bad} unreadable image(s) skipped so far.')
 
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-            if model_ema is not None:
-                distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
+        parallel.distribute_bn((model, model_ema), args.dist_bn)
 
         metric = None
         if loader_eval is not None:
@@ -678,6 +678,7 @@ def _train(argv=None) -> int:
         model_state = task.get_checkpoint_state()
         if model_ema is not None:
             model_state.update(task.get_checkpoint_state(ema=True))
+        optimizer_state = parallel.optimizer_state_dict(optimizer, model)
         if primary:
             lrs = [group['lr'] for group in optimizer.param_groups]
             update_summary(
@@ -687,7 +688,7 @@ def _train(argv=None) -> int:
                 best_eval_metrics = dict(eval_metrics, epoch=epoch)
             state = dict(
                 epoch=epoch, arch=args.model, version=2, args=_plain(vars(args)), **model_state,
-                optimizer=optimizer.state_dict(), scheduler=lr_scheduler.state_dict(), num_updates=num_updates,
+                optimizer=optimizer_state, scheduler=lr_scheduler.state_dict(), num_updates=num_updates,
                 rng=rng_states, eval_metrics=eval_metrics, best_eval_metrics=best_eval_metrics)
             if loss_scaler is not None:
                 state[loss_scaler.state_dict_key] = loss_scaler.state_dict()
@@ -706,10 +707,8 @@ def _train(argv=None) -> int:
             break
 
     if primary and last_epoch + 1 >= num_epochs:
-        _finish(args, task, keeper, output_dir, summary_csv, best_eval_metrics or eval_metrics)
-    if args.distributed:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        _finish(args, task, parallel, keeper, output_dir, summary_csv, best_eval_metrics or eval_metrics)
+    parallel.finish()
     return 0
 
 
@@ -742,14 +741,15 @@ def _log_eval(epoch: int, metrics: Dict[str, Any]) -> None:
     _logger.info(text)
 
 
-def _finish(args, task, keeper, output_dir: str, summary_csv: str, final: Optional[Dict[str, Any]]) -> None:
+def _finish(
+        args, task, parallel: DataParallelTraining, keeper, output_dir: str, summary_csv: str,
+        final: Optional[Dict[str, Any]]) -> None:
     """Export the best weights (safetensors + config.json), plot the curves, print the final accuracies."""
     ema = args.model_ema
     source = keeper.best_path if os.path.exists(keeper.best_path) else keeper.last_path
     checkpoint = load_checkpoint_file(source)
     key = 'state_dict_ema' if ema and 'state_dict_ema' in checkpoint else 'state_dict'
-    model = unwrap_model(task.get_trainable_module())
-    model.load_state_dict(checkpoint[key])
+    model = parallel.full_model(task, checkpoint[key])
     weights = export_model(model, output_dir, extra_config=dict(
         source_checkpoint=os.path.basename(source), source_epoch=checkpoint.get('epoch'),
         weights='ema' if key == 'state_dict_ema' else 'model'))
@@ -781,8 +781,9 @@ def train_one_epoch(
         amp_autocast=nullcontext,
         loss_scaler: Optional[NativeScaler] = None,
         num_updates: int = 0,
+        parallel: Optional[DataParallelTraining] = None,
 ):
-    """One epoch of co-training.
+    """One epoch of co-training (`parallel`: the hooks of the run's mode, default single process / DDP).
 
     Returns:
         (metrics, num_updates): mean `loss`, `loss_ce`, `loss_cot` per image and the epoch's `cot_weight`.
@@ -794,7 +795,7 @@ def train_one_epoch(
     last_batch_idx = num_batches - 1
     last_accum_steps = num_batches % accum_steps or accum_steps
     last_batch_idx_to_accum = num_batches - last_accum_steps
-    world_size = args.world_size if args.distributed else 1
+    parallel = parallel or DataParallelTraining(args.seed, args.world_size if args.distributed else 1)
 
     # running sums of loss, CE, co-training loss on the device (read at log steps only), images on the host
     sums = torch.zeros(3, dtype=torch.float64, device=device)
@@ -829,7 +830,7 @@ def train_one_epoch(
                 (loss / accum_steps).backward()
                 if need_update:
                     if args.clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+                        parallel.clip_grad(model, args.clip_grad, args.clip_mode)
                     optimizer.step()
         if need_update:
             optimizer.zero_grad()
@@ -842,7 +843,7 @@ def train_one_epoch(
         sums += torch.stack([loss.detach(), result['loss_ce'], result['loss_cot']]).double() * batch_size
         num_images += batch_size
         cot_weight = result['cot_weight']
-        images_since_log += batch_size * world_size
+        images_since_log += batch_size * parallel.data_parallel_size
 
         if last_batch or batch_idx % max(1, args.log_interval) == 0:
             _check_finite(nonfinite, epoch, batch_idx, args.distributed)
@@ -879,4 +880,5 @@ def _check_finite(nonfinite: torch.Tensor, epoch: int, batch_idx: int, distribut
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    from torch.distributed.elastic.multiprocessing.errors import record
+    sys.exit(record(main)())  # under torchrun: the failing rank's traceback in torchrun's summary

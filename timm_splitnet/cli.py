@@ -8,8 +8,8 @@
 * devices and precision: `resolve_device_checked`, `parse_devices_checked`, `resolve_amp_dtype`, `autocast_factory`;
 * results and logging: `write_results` (CSV / JSON), `print_results`, `setup_logging`;
 * a script's `main`: `cli_session(prog, member_parallel)` (logging, errors, the torchrun check; yields the rank);
-* member-parallel runs under torchrun: `check_torchrun_env`, `init_member_parallel_checked`, `rank_devices`,
-  `finish_member_parallel`.
+* member-parallel runs under torchrun: `check_torchrun_env`, `check_rank_device`, `init_member_parallel_checked`,
+  `rank_devices`, `finish_member_parallel`.
 
 Hacked together by the timm-splitnet authors
 """
@@ -41,7 +41,8 @@ __all__ = [
     'add_member_parallel_args', 'is_wildcard', 'expand_model_names', 'check_model_name', 'create_model_checked',
     'model_kwargs', 'set_split_backend', 'model_gmacs', 'resolve_device_checked', 'parse_devices_checked',
     'resolve_amp_dtype', 'autocast_factory', 'write_results', 'print_results', 'setup_logging', 'TORCHRUN_ENV',
-    'torchrun_rank', 'check_torchrun_env', 'init_member_parallel_checked', 'rank_devices', 'finish_member_parallel',
+    'torchrun_rank', 'check_torchrun_env', 'check_rank_device', 'init_member_parallel_checked', 'rank_devices',
+    'finish_member_parallel',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -337,8 +338,12 @@ def check_torchrun_env(prog: str) -> None:
         raise CliError('--member-parallel needs torch.distributed, which this torch build does not have.')
 
 
-def _check_rank_device(device: Optional[str]) -> None:
-    """The `--device` of a member-parallel rank: one GPU per local rank (cuda:LOCAL_RANK) must exist."""
+def check_rank_device(device: Optional[str]) -> None:
+    """Check the `--device` of a member-parallel rank: one GPU per local rank (cuda:LOCAL_RANK) must exist.
+
+    Raises:
+        CliError: An unknown device, one GPU index for several processes of a node, or fewer GPUs than processes.
+    """
     if not device:
         if not torch.cuda.is_available():
             return
@@ -392,7 +397,7 @@ def init_member_parallel_checked(
     world_size = int(os.environ.get('WORLD_SIZE', 1))
     with as_cli_error():
         MemberParallelPlan(world_size, torchrun_rank(), model.split_factor)  # checked before any process group
-    _check_rank_device(device)
+    check_rank_device(device)
     global _owns_process_group
     initialised = torch.distributed.is_initialized()
     plan, dev = init_member_parallel(

@@ -98,7 +98,8 @@ __all__ = [
     'MemberViewDataset', 'MemberParallelSampler', 'ViewKey', 'SharedRandomMixup', 'DEFAULT_TIMEOUT',
     'gather_member_logits', 'member_parallel_forward', 'member_parallel_sampler', 'member_parallel_loader',
     'gather_state_dict', 'gather_optimizer_state_dict', 'load_optimizer_state_dict', 'distribute_member_bn',
-    'clip_grad', 'convert_member_sync_batchnorm', 'init_member_parallel', 'valid_world_sizes',
+    'clip_grad', 'convert_member_sync_batchnorm', 'init_distributed_from_env', 'init_member_parallel',
+    'valid_world_sizes',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -1116,7 +1117,8 @@ def convert_member_sync_batchnorm(model: nn.Module, plan: MemberParallelPlan) ->
     SyncBatchNorm runs on GPUs (and XPU / HPU) only."""
     if plan.num_replicas == 1:
         return model
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=plan.member_group)
+    from timm.layers import convert_sync_batchnorm  # keeps timm's BatchNormAct2d activation (torch's drops it)
+    return convert_sync_batchnorm(model, process_group=plan.member_group)
 
 
 def distribute_member_bn(model: nn.Module, plan: MemberParallelPlan, reduce: bool = True) -> None:
@@ -1175,6 +1177,37 @@ def clip_grad(model: nn.Module, value: float, mode: str = 'norm', norm_type: flo
 
 # ----- process group setup for scripts -----
 
+def init_distributed_from_env(
+        device: Optional[str] = None,
+        backend: Optional[str] = None,
+        timeout: Union[None, float, timedelta] = None,
+) -> torch.device:
+    """Initialise the default process group from torchrun's environment (if not done yet), with `timeout`.
+
+    Without torchrun (or with WORLD_SIZE=1) no process group is created.
+
+    Args:
+        device: 'cuda' (one GPU per process: cuda:LOCAL_RANK), 'cpu', or None (cuda if available).
+        backend: nccl on CUDA, gloo otherwise, unless given.
+        timeout: Timeout of the default group's collectives (seconds or timedelta, default 10 minutes).
+
+    Returns:
+        This process's device.
+    """
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    if torch.device(device).type == 'cuda':
+        dev = torch.device('cuda', local_rank if torch.device(device).index is None else torch.device(device).index)
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device(device)
+    if not dist.is_initialized():
+        if int(os.environ.get('WORLD_SIZE', 1)) > 1:
+            backend = backend or ('nccl' if dev.type == 'cuda' else 'gloo')
+            dist.init_process_group(backend=backend, timeout=_timedelta(timeout))
+    return dev
+
+
 def init_member_parallel(
         split_factor: int,
         device: Optional[str] = None,
@@ -1195,16 +1228,6 @@ def init_member_parallel(
     Returns:
         (plan, device).
     """
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
-    if torch.device(device).type == 'cuda':
-        dev = torch.device('cuda', local_rank if torch.device(device).index is None else torch.device(device).index)
-        torch.cuda.set_device(dev)
-    else:
-        dev = torch.device(device)
-    if not dist.is_initialized():
-        if int(os.environ.get('WORLD_SIZE', 1)) > 1:
-            backend = backend or ('nccl' if dev.type == 'cuda' else 'gloo')
-            dist.init_process_group(backend=backend, timeout=_timedelta(timeout))
+    dev = init_distributed_from_env(device, backend=backend, timeout=timeout)
     plan = MemberParallelPlan.from_process_group(split_factor, timeout)
     return plan, dev
