@@ -631,7 +631,9 @@ def _train(argv=None) -> int:
 
     # ----- epochs -----
     eval_metrics = None
-    best_eval_metrics = checkpoint.get('best_eval_metrics') if checkpoint is not None else None
+    best_eval_metrics = None
+    if checkpoint is not None and keeper is not None and keeper.best_metric is not None:
+        best_eval_metrics = checkpoint.get('best_eval_metrics')
     num_updates = start_epoch * updates_per_epoch
     last_epoch = start_epoch - 1
     for epoch in range(start_epoch, num_epochs):

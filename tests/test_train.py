@@ -270,6 +270,21 @@ def test_checkpoint_keeper_history(tmp_path):
     assert torch.load(tmp_path / 'last.pth.tar', weights_only=True)['epoch'] == 3
 
 
+def test_checkpoint_keeper_resumed_into_another_folder(tmp_path):
+    """Resumed elsewhere, the keeper forgets the old best (its file is not there) and picks the new folder's best."""
+    from timm_splitnet.train_state import CheckpointKeeper
+    old = CheckpointKeeper(str(tmp_path / 'a'))
+    old.save(0, dict(epoch=0, state_dict={}), metric=90.)
+    new = CheckpointKeeper(str(tmp_path / 'b'))
+    new.load_state_dict(old.state_dict())
+    assert new.best_metric is None
+    assert new.save(1, dict(epoch=1, state_dict={}), metric=50.)
+    assert torch.load(tmp_path / 'b' / 'model_best.pth.tar', weights_only=True)['epoch'] == 1
+    same = CheckpointKeeper(str(tmp_path / 'a'))
+    same.load_state_dict(old.state_dict())
+    assert (same.best_metric, same.best_epoch) == (90., 0)
+
+
 def test_rng_state_round_trip():
     import random
 

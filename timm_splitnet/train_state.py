@@ -128,8 +128,10 @@ class CheckpointKeeper:
     def load_state_dict(self, state: Optional[Dict[str, Any]]) -> None:
         if not state:
             return
-        self.best_metric = state.get('best_metric')
-        self.best_epoch = state.get('best_epoch')
+        if os.path.isfile(self.best_path):
+            self.best_metric = state.get('best_metric')
+            self.best_epoch = state.get('best_epoch')
+        # else: resumed into another output folder, whose best checkpoint is chosen anew
         history = [(name, metric) for name, metric in state.get('history', [])]
         # files of another output folder (resume elsewhere) are not ours to manage
         self.history = [h for h in history if os.path.isfile(os.path.join(self.checkpoint_dir, h[0]))]
