@@ -13,23 +13,24 @@ Papers:
 """
 import math
 from collections import OrderedDict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
 
-from timm.layers import create_classifier, get_device_dtype, get_norm_act_layer
+from timm.layers import get_norm_act_layer
 from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
 from timm.models._manipulate import MATCH_PREV_GROUP
 from timm.models.densenet import DenseBlock, DenseLayer, DenseTransition
 
-from .cifar_resnet import CIFAR100_MEAN, CIFAR100_STD
+from ._cifar_common import CifarBackbone, cifar_cfg, init_weights_cifar
 
 __all__ = ['CifarDenseNet']  # model_registry will add each entrypoint fn to this
 
 
-class CifarDenseNet(nn.Module):
+class CifarDenseNet(CifarBackbone):
     """DenseNet-BC for 32x32 inputs (3x3 stride-1 stem, three dense blocks, 8x8 final maps)."""
+    classifier_attr = 'classifier'
 
     def __init__(
             self,
@@ -117,24 +118,14 @@ class CifarDenseNet(nn.Module):
         self.feature_info += [dict(num_chs=num_features, reduction=current_stride, module='features.norm_final')]
 
         # Head (pooling and classifier)
-        self.num_features = self.head_hidden_size = num_features
-        self.global_pool, self.classifier = create_classifier(
-            self.num_features, self.num_classes, pool_type=global_pool, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
+        self._init_head(num_features, global_pool=global_pool, drop_rate=drop_rate, **dd)
 
         self.init_weights()
 
     @torch.jit.ignore
     def init_weights(self) -> None:
         """Kaiming (fan_out) convs, BN weight 1 / bias 0, classifier bias 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights_cifar(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
@@ -155,45 +146,9 @@ class CifarDenseNet(nn.Module):
             if isinstance(m, DenseLayer):
                 m.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier head."""
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier head.
-
-        Args:
-            num_classes: Number of classes of the new classifier, 0 for none.
-            global_pool: Global pooling type, the current pooling is kept if None.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.classifier = create_classifier(
-            self.num_features, self.num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, dense blocks and final BN-ReLU, returns the unpooled NCHW feature map."""
         return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global pooling, dropout and classifier.
-
-        Args:
-            x: Feature map from `forward_features`.
-            pre_logits: Return the pooled features instead of the logits.
-        """
-        x = self.global_pool(x)
-        x = self.head_drop(x)
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
 
 
 def _create_cifar_densenet(variant: str, pretrained: bool = False, **kwargs) -> CifarDenseNet:
@@ -206,19 +161,8 @@ def _create_cifar_densenet(variant: str, pretrained: bool = False, **kwargs) -> 
     )
 
 
-def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url, 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
-        'first_conv': 'features.conv0', 'classifier': 'classifier',
-        'paper_ids': 'arXiv:2011.14660', 'paper_name': 'SplitNet: Divide and Co-training',
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    'densenet_bc190_cifar': _cfg(),
+    'densenet_bc190_cifar': cifar_cfg(first_conv='features.conv0', classifier='classifier'),
 })
 
 

@@ -24,20 +24,19 @@ from typing import Any, Dict, Optional, Tuple, Type, Union
 import torch
 import torch.nn as nn
 
-from timm.layers import DropPath, LayerType, SEModule, create_classifier, get_device_dtype
+from timm.layers import DropPath, LayerType, SEModule
 from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
 from timm.models._manipulate import checkpoint_seq
 from timm.models.resnet import BasicBlock, Bottleneck, downsample_avg
 
-__all__ = ['CifarResNet', 'CIFAR100_MEAN', 'CIFAR100_STD']  # model_registry will add each entrypoint fn to this
+from ._cifar_common import CIFAR100_MEAN, CIFAR100_STD, CifarBackbone, cifar_cfg, init_weights_cifar
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+__all__ = ['CifarResNet', 'CIFAR100_MEAN', 'CIFAR100_STD']  # model_registry will add each entrypoint fn to this
 
 BlockType = Union[Type[BasicBlock], Type[Bottleneck]]
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(CifarBackbone):
     """ResNet for 32x32 inputs: 3x3 stem, three stages (strides 1, 2, 2), post-activation blocks.
 
     Stage planes are `channels`, or `stem_width * widen_factor * [1, 2, 4]` when `channels` is None; stage outputs
@@ -136,9 +135,7 @@ class CifarResNet(nn.Module):
             self.feature_info += [dict(num_chs=outplanes, reduction=net_stride, module=stage_name)]
 
         # Head (pooling and classifier)
-        self.num_features = self.head_hidden_size = inplanes
-        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
+        self._init_head(inplanes, global_pool=global_pool, drop_rate=drop_rate, **dd)
 
         self.init_weights(zero_init_last=zero_init_last)
 
@@ -149,17 +146,7 @@ class CifarResNet(nn.Module):
         Args:
             zero_init_last: Zero-init the last BN in each residual branch.
         """
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=1e-3)
-                nn.init.zeros_(m.bias)
+        init_weights_cifar(self, linear_std=1e-3)
         if zero_init_last:
             for m in self.modules():
                 if hasattr(m, 'zero_init_last'):
@@ -169,30 +156,6 @@ class CifarResNet(nn.Module):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups (stem, blocks) for layer-wise optimizer settings."""
         return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Enable or disable gradient checkpointing of the residual blocks."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier head."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier head.
-
-        Args:
-            num_classes: Number of classes of the new classifier, 0 for none.
-            global_pool: Global pooling type, the current pooling is kept if None.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem and stages, returns the unpooled NCHW feature map."""
@@ -207,47 +170,20 @@ class CifarResNet(nn.Module):
             x = self.layer3(x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global pooling, dropout and classifier.
-
-        Args:
-            x: Feature map from `forward_features`.
-            pre_logits: Return the pooled features instead of the logits.
-        """
-        x = self.global_pool(x)
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
-
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
     return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
-def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url, 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'paper_ids': 'arXiv:2011.14660', 'paper_name': 'SplitNet: Divide and Co-training',
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    'resnet110_cifar': _cfg(),
-    'resnet164_cifar': _cfg(),
-    'seresnet110_cifar': _cfg(),
-    'seresnet164_cifar': _cfg(),
-    'wrn16_8_cifar': _cfg(),
-    'wrn28_10_cifar': _cfg(),
-    'wrn40_10_cifar': _cfg(),
-    'resnext29_8x64d_cifar': _cfg(),
+    'resnet110_cifar': cifar_cfg(),
+    'resnet164_cifar': cifar_cfg(),
+    'seresnet110_cifar': cifar_cfg(),
+    'seresnet164_cifar': cifar_cfg(),
+    'wrn16_8_cifar': cifar_cfg(),
+    'wrn28_10_cifar': cifar_cfg(),
+    'wrn40_10_cifar': cifar_cfg(),
+    'resnext29_8x64d_cifar': cifar_cfg(),
 })
 
 # SE for the CIFAR SE-ResNets: reduction ratio 4 without channel rounding (SplitNet keeps it for every S)

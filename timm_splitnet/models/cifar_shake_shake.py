@@ -21,11 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import DropPath, create_classifier, get_device_dtype
+from timm.layers import DropPath
 from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
 from timm.models._manipulate import checkpoint_seq
 
-from .cifar_resnet import CIFAR100_MEAN, CIFAR100_STD
+from ._cifar_common import CifarBackbone, cifar_cfg, init_weights_cifar
 
 __all__ = ['CifarShakeShake', 'ShakeShakeBlock', 'shake_shake']  # model_registry will add each entrypoint fn to this
 
@@ -161,7 +161,7 @@ class ShakeShakeBlock(nn.Module):
         return self.shortcut(x) + self.drop_path(out)
 
 
-class CifarShakeShake(nn.Module):
+class CifarShakeShake(CifarBackbone):
     """Shake-Shake ResNet for 32x32 inputs (three stages of [b, 2b, 4b] channels, strides 1, 2, 2, 8x8 maps)."""
 
     def __init__(
@@ -232,55 +232,20 @@ class CifarShakeShake(nn.Module):
             self.feature_info += [dict(num_chs=out_chs, reduction=net_stride, module=stage_name)]
 
         # Final ReLU, head (pooling and classifier)
-        self.num_features = self.head_hidden_size = in_chs
         self.act_final = act_layer(inplace=True)
-        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool, **dd)
-        self.head_drop = nn.Dropout(drop_rate)
+        self._init_head(in_chs, global_pool=global_pool, drop_rate=drop_rate, **dd)
 
         self.init_weights()
 
     @torch.jit.ignore
     def init_weights(self) -> None:
         """Kaiming (fan_out) convs, BN weight 1 / bias 0, conv and fc biases 0."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_weights_cifar(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         """Parameter groups (stem, blocks) for layer-wise optimizer settings."""
         return dict(stem=r'^conv1|bn1', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Enable or disable gradient checkpointing of the residual blocks (RNG state is replayed)."""
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        """The classifier head."""
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """Replace the classifier head.
-
-        Args:
-            num_classes: Number of classes of the new classifier, 0 for none.
-            global_pool: Global pooling type, the current pooling is kept if None.
-        """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = create_classifier(self.num_features, self.num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stages and final ReLU, returns the unpooled NCHW feature map."""
@@ -295,41 +260,14 @@ class CifarShakeShake(nn.Module):
         x = self.act_final(x)
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global pooling, dropout and classifier.
-
-        Args:
-            x: Feature map from `forward_features`.
-            pre_logits: Return the pooled features instead of the logits.
-        """
-        x = self.global_pool(x)
-        x = self.head_drop(x)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.forward_features(x)
-        x = self.forward_head(x)
-        return x
-
 
 def _create_cifar_shake_shake(variant: str, pretrained: bool = False, **kwargs) -> CifarShakeShake:
     return build_model_with_cfg(
         CifarShakeShake, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
-def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url, 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
-        'crop_pct': 1.0, 'interpolation': 'bilinear',
-        'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
-        'first_conv': 'conv1', 'classifier': 'fc',
-        'paper_ids': 'arXiv:2011.14660', 'paper_name': 'SplitNet: Divide and Co-training',
-        **kwargs,
-    }
-
-
 default_cfgs = generate_default_cfgs({
-    'shake_shake26_2x96d_cifar': _cfg(),
+    'shake_shake26_2x96d_cifar': cifar_cfg(),
 })
 
 

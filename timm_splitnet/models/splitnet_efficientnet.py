@@ -26,13 +26,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch.nn as nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import create_classifier, create_conv2d, get_device_dtype
+from timm.layers import create_conv2d
 from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
 from timm.models._efficientnet_builder import (
     decode_arch_def, efficientnet_init_weights, resolve_act_layer, resolve_bn_args, round_channels)
 from timm.models.efficientnet import EfficientNet
 
-from .cifar_resnet import CIFAR100_MEAN, CIFAR100_STD
+from ._cifar_common import cifar_cfg, reset_classifier_head
 
 __all__ = ['SplitNetEfficientNet', 'EFFICIENTNET_B0_CHANNELS']  # model_registry will add each entrypoint fn to this
 
@@ -105,13 +105,7 @@ class SplitNetEfficientNet(EfficientNet):
             num_classes: Number of classes of the new classifier, 0 for none.
             global_pool: Global pooling type, the current pooling is kept if None.
         """
-        dd = get_device_dtype(self)
-        self.num_classes = num_classes
-        if global_pool is None:
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.classifier = create_classifier(
-            self.num_features, self.num_classes, pool_type=global_pool, **dd)
-        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        reset_classifier_head(self, num_classes, global_pool, classifier_attr='classifier')
         self.global_pool.train(self.training)
         self.classifier.train(self.training)
 
@@ -174,9 +168,7 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
 
 
 def _cifar_cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return _cfg(
-        url=url, num_classes=100, input_size=(3, 32, 32), pool_size=(8, 8), crop_pct=1.0, interpolation='bilinear',
-        mean=CIFAR100_MEAN, std=CIFAR100_STD, **kwargs)
+    return cifar_cfg(url, first_conv='conv_stem', classifier='classifier', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -1,0 +1,157 @@
+""" Shared pieces of the CIFAR backbones
+
+`CifarBackbone` is the timm classifier-model API of the CIFAR models (`cifar_resnet`, `cifar_densenet`,
+`cifar_pyramidnet`, `cifar_shake_shake`), which all end in global pooling -> dropout (`head_drop`) -> classifier:
+head construction, `get_classifier`, `reset_classifier`, `forward_head`, `forward` and the `grad_checkpointing`
+switch. Each model still declares its own layers, `forward_features`, `group_matcher` and `init_weights`; the
+classifier keeps the module name the model gives it in `classifier_attr` ('fc' or 'classifier'), so state-dict keys
+are those of the model.
+
+`init_weights_cifar` is the weight init the CIFAR models share, `cifar_cfg` their pretrained cfg (CIFAR-100, 32x32
+inputs, 8x8 final maps) and `reset_classifier_head` the `reset_classifier` body; the table-driven EfficientNets use
+the last two as well.
+"""
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from timm.layers import create_classifier, get_device_dtype
+
+__all__ = ['CifarBackbone', 'CIFAR100_MEAN', 'CIFAR100_STD', 'cifar_cfg', 'init_weights_cifar', 'reset_classifier_head']
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+def cifar_cfg(url: str = '', first_conv: str = 'conv1', classifier: str = 'fc', **kwargs) -> Dict[str, Any]:
+    """Pretrained cfg of a CIFAR-100 model of the SplitNet experiments (32x32 inputs, 8x8 final maps).
+
+    Args:
+        url: Weights URL ('' for none).
+        first_conv: Module name of the first conv.
+        classifier: Module name of the classifier.
+        **kwargs: Further cfg entries, override the defaults.
+    """
+    return {
+        'url': url, 'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8),
+        'crop_pct': 1.0, 'interpolation': 'bilinear',
+        'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
+        'first_conv': first_conv, 'classifier': classifier,
+        'paper_ids': 'arXiv:2011.14660', 'paper_name': 'SplitNet: Divide and Co-training',
+        **kwargs,
+    }
+
+
+def init_weights_cifar(model: nn.Module, linear_std: Optional[float] = None) -> None:
+    """Kaiming (fan_out, ReLU) conv weights, conv biases 0, BN weight 1 / bias 0, Linear bias 0.
+
+    Args:
+        model: Module whose submodules are initialized in place.
+        linear_std: Std of a normal init of the Linear weights, None keeps PyTorch's default init.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            if linear_std is not None:
+                nn.init.normal_(m.weight, std=linear_std)
+            nn.init.zeros_(m.bias)
+
+
+def reset_classifier_head(
+        model: nn.Module,
+        num_classes: int,
+        global_pool: Optional[str] = None,
+        classifier_attr: str = 'fc',
+) -> None:
+    """Replace `model.global_pool` and the classifier `model.<classifier_attr>` (timm's `reset_classifier`).
+
+    Args:
+        model: Model with `num_features` and a `global_pool` module; `num_classes` and `head_hidden_size` are set.
+        num_classes: Number of classes of the new classifier, 0 for none.
+        global_pool: Global pooling type, the current pooling is kept if None.
+        classifier_attr: Module name of the classifier.
+    """
+    dd = get_device_dtype(model)
+    model.num_classes = num_classes
+    if global_pool is None:
+        global_pool = model.global_pool.pool_type
+    model.global_pool, classifier = create_classifier(model.num_features, num_classes, pool_type=global_pool, **dd)
+    setattr(model, classifier_attr, classifier)
+    model.head_hidden_size = model.num_features * model.global_pool.feat_mult()
+
+
+class CifarBackbone(nn.Module):
+    """timm classifier API of a backbone that ends in `global_pool` -> `head_drop` -> classifier.
+
+    Subclasses set `num_classes` and build their layers in `__init__`, call `_init_head` once the number of output
+    features is known, and implement `forward_features`. `set_grad_checkpointing` toggles `self.grad_checkpointing`,
+    which `forward_features` of a staged model reads; models that checkpoint otherwise override it.
+    """
+    classifier_attr: str = 'fc'  # module name of the classifier (its state-dict key prefix)
+
+    def _init_head(
+            self,
+            num_features: int,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            device=None,
+            dtype=None,
+    ) -> None:
+        """Create the head: `global_pool`, the classifier (`classifier_attr`) and `head_drop`, in that order.
+
+        Args:
+            num_features: Channels of the `forward_features` output.
+            global_pool: Global pooling type.
+            drop_rate: Dropout rate before the classifier.
+        """
+        self.num_features = self.head_hidden_size = num_features
+        self.global_pool, classifier = create_classifier(
+            num_features, self.num_classes, pool_type=global_pool, device=device, dtype=dtype)
+        setattr(self, self.classifier_attr, classifier)
+        self.head_drop = nn.Dropout(drop_rate)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Enable or disable gradient checkpointing of the residual blocks (RNG state is replayed)."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """The classifier head."""
+        return getattr(self, self.classifier_attr)
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace the classifier head.
+
+        Args:
+            num_classes: Number of classes of the new classifier, 0 for none.
+            global_pool: Global pooling type, the current pooling is kept if None.
+        """
+        reset_classifier_head(self, num_classes, global_pool, classifier_attr=self.classifier_attr)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled NCHW feature map, implemented by each model."""
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global pooling, dropout and classifier.
+
+        Args:
+            x: Feature map from `forward_features`.
+            pre_logits: Return the pooled features instead of the logits.
+        """
+        x = self.global_pool(x)
+        x = self.head_drop(x)
+        return x if pre_logits else getattr(self, self.classifier_attr)(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
