@@ -18,10 +18,9 @@ import torch.nn as nn
 
 from timm.layers import create_classifier, get_device_dtype
 
-__all__ = ['CifarBackbone', 'CIFAR100_MEAN', 'CIFAR100_STD', 'cifar_cfg', 'init_weights_cifar', 'reset_classifier_head']
+from ..data.transforms import CIFAR100_MEAN, CIFAR100_STD
 
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+__all__ = ['CifarBackbone', 'CIFAR100_MEAN', 'CIFAR100_STD', 'cifar_cfg', 'init_weights_cifar', 'reset_classifier_head']
 
 
 def cifar_cfg(url: str = '', first_conv: str = 'conv1', classifier: str = 'fc', **kwargs) -> Dict[str, Any]:

@@ -32,12 +32,13 @@ from timm.models._efficientnet_builder import (
     decode_arch_def, efficientnet_init_weights, resolve_act_layer, resolve_bn_args, round_channels)
 from timm.models.efficientnet import EfficientNet
 
+from ..division import EFFICIENTNET_CHANNELS
 from ._cifar_common import cifar_cfg, reset_classifier_head
 
 __all__ = ['SplitNetEfficientNet', 'EFFICIENTNET_B0_CHANNELS']  # model_registry will add each entrypoint fn to this
 
-# undivided EfficientNet-B0 widths: [stem, 7 stage outputs, head]
-EFFICIENTNET_B0_CHANNELS = (32, 16, 24, 40, 80, 112, 192, 320, 1280)
+# undivided EfficientNet-B0 widths: [stem, 7 stage outputs, head] (the S=1 row of the division tables)
+EFFICIENTNET_B0_CHANNELS = EFFICIENTNET_CHANNELS[1]
 
 # standard B0 stages: (block type, repeats, kernel size, stride, expansion ratio), SE ratio 0.25 everywhere
 _B0_STAGES = (
