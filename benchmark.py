@@ -6,9 +6,9 @@ S > 1 it reports, side by side (the paper's Fig. 3 / Fig. 6 latency study):
 
 - `undivided`: the S=1 model of the same architecture (`splitnet_<arch>_s1`, `--compare-undivided`, default on),
 - `sequential`: the S members one after another on `--device` (the normal model),
-- `concurrent`: member i on `--devices[i mod n]`, one host thread per device (`timm_splitnet.concurrent`),
+- `concurrent`: member i on `--devices[i mod n]`, one host thread per device (`timm_splitnet.parallel.concurrent`),
 - `member_parallel`: under torchrun with `--member-parallel`, member i on rank i mod N, one process per member
-  (group), the logits all-gathered over the processes (`timm_splitnet.member_parallel`): timed on rank 0 with the
+  (group), the logits all-gathered over the processes (`timm_splitnet.parallel.member_parallel`): timed on rank 0 with the
   gather; rank 0 alone then runs the single-process rows and reports.
 
     python benchmark.py --model splitnet_wrn28_10_s4 --devices cuda:0,cuda:1,cuda:2,cuda:3 --amp -b 100
@@ -49,7 +49,7 @@ from timm_splitnet.cli import (
     model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices, resolve_amp_dtype,
     resolve_device_checked, set_split_backend,
 )
-from timm_splitnet.concurrent import ConcurrentMembers, cuda_devices, synchronize_devices
+from timm_splitnet.parallel.concurrent import ConcurrentMembers, cuda_devices, synchronize_devices
 
 _logger = logging.getLogger('benchmark')
 
@@ -213,7 +213,7 @@ class BenchSetup:
                 _logger.warning('--torchcompile is not applied to concurrent runs.')
             return
         if mode == 'member_parallel':  # this rank keeps its members; the logits are gathered over the ranks
-            from timm_splitnet.member_parallel import member_parallel_forward
+            from timm_splitnet.parallel.member_parallel import member_parallel_forward
             if args.split_backend not in (None, '', 'loop'):
                 _logger.warning(f'--split-backend {args.split_backend} ignored by the member-parallel run.')
             self.model, self.plan, device = init_member_parallel_checked(

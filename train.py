@@ -56,8 +56,8 @@ from timm_splitnet.data import (
     create_train_transform)
 from timm_splitnet.loss import CoTrainingLoss
 from timm_splitnet.task import CoTrainingTask, is_splitnet, validate_members
-from timm_splitnet.train_parallel import DataParallelTraining, MemberParallelTraining
-from timm_splitnet.train_state import CheckpointKeeper, gather_rng_states, load_checkpoint_file, set_rng_state
+from timm_splitnet.task.distributed import DataParallelTraining, MemberParallelTraining
+from timm_splitnet.utils.train_state import CheckpointKeeper, gather_rng_states, load_checkpoint_file, set_rng_state
 
 _logger = logging.getLogger('train')
 
@@ -759,7 +759,7 @@ def _finish(
     _logger.info(f'Exported the {which} ({os.path.basename(source)}) to {weights} and config.json.')
     if not args.no_plot:
         try:
-            from timm_splitnet.train_plots import plot_curves
+            from timm_splitnet.plots import plot_curves
             png = plot_curves(summary_csv, os.path.join(output_dir, 'curves.png'))
             _logger.info(f'Curves: {png}')
         except ImportError as e:

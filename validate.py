@@ -10,9 +10,9 @@ of the paper's Table 9 (mean / max of logits, mean / max of softmax probabilitie
         --pretrained-path resnet50_s2.safetensors --amp --devices cuda:0,cuda:1
 
 Flags follow timm's `validate.py` where timm has the flag. `--devices` places member i on device i mod n and runs the
-members concurrently in threads of this process (`timm_splitnet.concurrent.ConcurrentMembers`); `--member-parallel`
+members concurrently in threads of this process (`timm_splitnet.parallel.concurrent.ConcurrentMembers`); `--member-parallel`
 under torchrun places member i on rank i mod N, one process per member (group), and gathers the logits over the
-processes (`timm_splitnet.member_parallel`); rank 0 reports. Accuracies are the same as sequential either way.
+processes (`timm_splitnet.parallel.member_parallel`); rank 0 reports. Accuracies are the same as sequential either way.
 
     torchrun --nproc_per_node=2 validate.py --data-dir /data/imagenet --model splitnet_resnet50_s2 \\
         --checkpoint model_best.pth.tar --member-parallel
@@ -44,7 +44,7 @@ from timm_splitnet.cli import (
     model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices, resolve_amp_dtype,
     resolve_device_checked, set_split_backend,
 )
-from timm_splitnet.concurrent import ConcurrentMembers
+from timm_splitnet.parallel.concurrent import ConcurrentMembers
 
 _logger = logging.getLogger('validate')
 
@@ -315,7 +315,7 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
                        f'set --num-classes (and load weights with that head).')
     real_samples = None
     if plan is not None:
-        from timm_splitnet.member_parallel import member_parallel_loader
+        from timm_splitnet.parallel.member_parallel import member_parallel_loader
         loader = member_parallel_loader(loader, plan, is_training=False)  # a replica's ranks: the same batches
         real_samples = _shard_samples(loader, len(dataset))
 
@@ -330,7 +330,7 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
         if args.torchcompile:
             _logger.warning('--torchcompile is not applied with --devices (concurrent members).')
     elif plan is not None:
-        from timm_splitnet.member_parallel import member_parallel_forward
+        from timm_splitnet.parallel.member_parallel import member_parallel_forward
         if args.torchcompile:
             for member in model.owned:  # the logits gather stays eager
                 member.compile(backend=args.torchcompile)

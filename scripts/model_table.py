@@ -17,10 +17,10 @@ import torch
 
 import timm
 import timm_splitnet  # noqa: F401
-from timm_splitnet.division import SPLIT_ARCHS
-from timm_splitnet.flops import count_macs, count_params
-from timm_splitnet.paper import PAPER_TABLE
-from timm_splitnet.splitnet import REGISTERED_SPLIT_FACTORS, splitnet_name
+from timm_splitnet.models.division import SPLIT_ARCHS
+from timm_splitnet.utils.flops import count_macs, count_params
+from timm_splitnet.models.paper_tables import PAPER_TABLE
+from timm_splitnet.models.splitnet import REGISTERED_SPLIT_FACTORS, splitnet_name
 
 START, END = '<!-- model-table:start -->', '<!-- model-table:end -->'
 

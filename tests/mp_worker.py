@@ -25,10 +25,10 @@ from timm.data import Mixup  # noqa: E402
 from timm.optim import create_optimizer_v2  # noqa: E402
 
 import timm_splitnet  # noqa: E402,F401
-from timm_splitnet.checkpoint import export_model, load_safetensors  # noqa: E402
+from timm_splitnet.utils.checkpoint import export_model, load_safetensors  # noqa: E402
 from timm_splitnet.data import channels_to_views  # noqa: E402
 from timm_splitnet.loss import CoTrainingLoss, js_divergence  # noqa: E402
-from timm_splitnet.member_parallel import (  # noqa: E402
+from timm_splitnet.parallel.member_parallel import (  # noqa: E402
     MemberParallelError, MemberParallelPlan, MemberParallelSplitNet, MemberParallelTask, SharedRandomMixup, clip_grad,
     distribute_member_bn, gather_optimizer_state_dict, gather_state_dict, init_member_parallel,
     load_optimizer_state_dict, member_parallel_forward)

@@ -9,7 +9,7 @@ import torch
 import timm
 import timm_splitnet  # noqa: F401 (registers the SplitNet and CIFAR models)
 from timm_splitnet import SplitNet
-from timm_splitnet import backends as bk
+from timm_splitnet.parallel import backends as bk
 
 
 @pytest.fixture(autouse=True, scope='module')

@@ -8,7 +8,7 @@ import torch
 
 import timm
 import timm_splitnet  # noqa: F401
-from timm_splitnet.concurrent import ConcurrentMembers, parse_devices
+from timm_splitnet.parallel.concurrent import ConcurrentMembers, parse_devices
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

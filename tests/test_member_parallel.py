@@ -25,7 +25,7 @@ from timm.data import Mixup
 from timm.optim import create_optimizer_v2
 
 import timm_splitnet  # noqa: F401
-from timm_splitnet.member_parallel import (
+from timm_splitnet.parallel.member_parallel import (
     MemberParallelPlan, MemberParallelSampler, MemberParallelSplitNet, MemberViewDataset, SharedRandomMixup, ViewKey,
     gather_optimizer_state_dict, gather_state_dict, load_optimizer_state_dict, member_parallel_loader,
     member_parallel_sampler, valid_world_sizes)

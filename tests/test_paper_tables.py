@@ -4,8 +4,8 @@ import torch
 
 import timm
 import timm_splitnet  # noqa: F401
-from timm_splitnet.flops import count_macs, count_params
-from timm_splitnet.paper import CODE_COUNTS, PAPER_TABLE, half_unit
+from timm_splitnet.utils.flops import count_macs, count_params
+from timm_splitnet.models.paper_tables import CODE_COUNTS, PAPER_TABLE, half_unit
 
 ROWS = [pytest.param(e, id=f'{e.arch}-s{e.split_factor}-{e.num_classes}cls') for e in PAPER_TABLE]
 

@@ -9,7 +9,7 @@ import timm
 import timm_splitnet  # noqa: F401
 from timm.optim import create_optimizer_v2
 from timm_splitnet import SplitNet, create_splitnet, load_safetensors, save_safetensors
-from timm_splitnet.division import (
+from timm_splitnet.models.division import (
     EFFICIENTNET_CHANNELS, SPLIT_ARCHS, densenet_growth_rate, divide_drop_rate, divide_weight_decay, member_kwargs,
     pyramidnet_alpha, resnext_cardinality, shakedrop_prob, wrn_widen_factor,
 )

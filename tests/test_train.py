@@ -238,7 +238,7 @@ def test_unreadable_images_are_skipped_and_counted(cifar_folder, tmp_path):
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     """A write that fails half-way leaves the previous last.pth.tar intact and no temporary file behind."""
-    from timm_splitnet import train_state
+    from timm_splitnet.utils import train_state
     keeper = train_state.CheckpointKeeper(str(tmp_path), max_history=1)
     keeper.save(0, dict(epoch=0, state_dict={'w': torch.ones(3)}), metric=10.)
 
@@ -259,7 +259,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_checkpoint_keeper_history(tmp_path):
-    from timm_splitnet.train_state import CheckpointKeeper
+    from timm_splitnet.utils.train_state import CheckpointKeeper
     keeper = CheckpointKeeper(str(tmp_path), max_history=2)
     for epoch, metric in enumerate([10., 30., 20., 5.]):
         keeper.save(epoch, dict(epoch=epoch, state_dict={}), metric=metric)
@@ -272,7 +272,7 @@ def test_checkpoint_keeper_history(tmp_path):
 
 def test_checkpoint_keeper_resumed_into_another_folder(tmp_path):
     """Resumed elsewhere, the keeper forgets the old best (its file is not there) and picks the new folder's best."""
-    from timm_splitnet.train_state import CheckpointKeeper
+    from timm_splitnet.utils.train_state import CheckpointKeeper
     old = CheckpointKeeper(str(tmp_path / 'a'))
     old.save(0, dict(epoch=0, state_dict={}), metric=90.)
     new = CheckpointKeeper(str(tmp_path / 'b'))
@@ -289,7 +289,7 @@ def test_rng_state_round_trip():
     import random
 
     import numpy as np
-    from timm_splitnet.train_state import get_rng_state, set_rng_state
+    from timm_splitnet.utils.train_state import get_rng_state, set_rng_state
     state = get_rng_state()
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     set_rng_state(state)
@@ -297,7 +297,7 @@ def test_rng_state_round_trip():
 
 
 def test_plot_curves(tmp_path):
-    from timm_splitnet.train_plots import plot_curves
+    from timm_splitnet.plots import plot_curves
     summary = tmp_path / 'summary.csv'
     summary.write_text(
         'epoch,train_loss,train_loss_ce,train_loss_cot,eval_loss,eval_top1,eval_member0_top1,eval_member1_top1,lr\n'

@@ -248,8 +248,8 @@ def test_failing_rank_stops_the_job(cifar_folder, tmp_path, mode):
 def test_sync_bn_keeps_timm_norm_act():
     """--sync-bn converts timm's BatchNormAct2d with its activation (torch's converter drops it)."""
     from timm.layers import BatchNormAct2d, SyncBatchNormAct
-    from timm_splitnet.member_parallel import MemberParallelPlan, convert_member_sync_batchnorm
-    from timm_splitnet.train_parallel import DataParallelTraining
+    from timm_splitnet.parallel.member_parallel import MemberParallelPlan, convert_member_sync_batchnorm
+    from timm_splitnet.task.distributed import DataParallelTraining
 
     def norm_act():
         return nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormAct2d(4, act_layer=nn.ReLU6))
@@ -264,7 +264,7 @@ def test_sync_bn_keeps_timm_norm_act():
 
 
 def test_fp16_clip_grad_is_refused_member_parallel():
-    from timm_splitnet.train_parallel import MemberParallelTraining
+    from timm_splitnet.task.distributed import MemberParallelTraining
     hooks = MemberParallelTraining()
     assert hooks.create_loss_scaler(torch.device('cpu'), torch.float16, 1.0) is None  # no scaler on the CPU
     with warnings.catch_warnings():

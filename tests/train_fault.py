@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from timm_splitnet.member_parallel import MemberParallelSplitNet
+from timm_splitnet.parallel.member_parallel import MemberParallelSplitNet
 
 TRAIN = Path(__file__).resolve().parents[1] / 'train.py'
 

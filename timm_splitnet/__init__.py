@@ -6,9 +6,9 @@
     model = timm.create_model('splitnet_wrn28_10_s4')
 """
 from .version import __version__
-from . import data  # applies the RandAugment posterize fix before any timm transform is built
-from .division import SPLIT_ARCHS, divide_weight_decay, member_kwargs, supported_split_factors
-from .splitnet import SplitNet, create_splitnet, splitnet_name
-from .checkpoint import export_model, load_safetensors, save_safetensors
-from .flops import count_macs, count_params
+from . import data
+from .models import SPLIT_ARCHS, SplitNet, create_splitnet, divide_weight_decay, member_kwargs, splitnet_name, \
+    supported_split_factors
+from .parallel import SPLIT_BACKENDS
+from .utils import count_macs, count_params, export_model, load_safetensors, save_safetensors
 from .loss import CoTrainingLoss, js_divergence

@@ -29,12 +29,12 @@ import torch.nn as nn
 import timm
 from timm.utils import ParseKwargs, setup_default_logging
 
-from .concurrent import parse_devices, resolve_device
-from .flops import count_macs
-from .splitnet import SplitNet
+from .parallel.concurrent import parse_devices, resolve_device
+from .utils.flops import count_macs
+from .models import SplitNet
 
 if TYPE_CHECKING:
-    from .member_parallel import MemberParallelPlan
+    from .parallel.member_parallel import MemberParallelPlan
 
 __all__ = [
     'CliError', 'cli_errors', 'as_cli_error', 'cli_session', 'add_model_args', 'add_input_args', 'add_results_args',
@@ -389,7 +389,7 @@ def init_member_parallel_checked(
     Raises:
         CliError: Not a SplitNet, a world size that does not fit S, or a bad device.
     """
-    from .member_parallel import MemberParallelPlan, MemberParallelSplitNet, init_member_parallel
+    from .parallel.member_parallel import MemberParallelPlan, MemberParallelSplitNet, init_member_parallel
 
     name = name or type(model).__name__
     if not isinstance(model, SplitNet):

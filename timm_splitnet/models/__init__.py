@@ -1,12 +1,13 @@
-""" timm-style backbones of the SplitNet experiments
+""" SplitNet models: the `SplitNet` wrapper, the division rules and the member backbones timm lacks
 
-Importing this package registers the undivided CIFAR backbones and the table-driven EfficientNets in timm's model
-registry (`timm.create_model('wrn28_10_cifar', widen_factor=5)`, ...). The keyword that SplitNet divides is listed in
-each entrypoint's docstring; `timm_splitnet.division` maps S to its value.
+Importing this package registers the member backbones first (the SplitNet cfgs derive from theirs), then the
+`splitnet_<arch>_s<S>` entrypoints.
 """
 from .cifar_densenet import *
 from .cifar_pyramidnet import *
 from .cifar_resnet import *
 from .cifar_shake_shake import *
-from .splitnet_efficientnet import *
-from .splitnet_resnet import *
+from .member_efficientnet import *
+from .member_resnet import *
+from .division import SPLIT_ARCHS, SplitArch, divide_weight_decay, get_split_arch, member_kwargs, supported_split_factors
+from .splitnet import ENSEMBLE_MODES, REGISTERED_SPLIT_FACTORS, SplitNet, create_splitnet, splitnet_name

@@ -32,7 +32,7 @@ from timm.models._efficientnet_builder import (
     decode_arch_def, efficientnet_init_weights, resolve_act_layer, resolve_bn_args, round_channels)
 from timm.models.efficientnet import EfficientNet
 
-from ..division import EFFICIENTNET_CHANNELS
+from .division import EFFICIENTNET_CHANNELS
 from ._cifar_common import cifar_cfg, reset_classifier_head
 
 __all__ = ['SplitNetEfficientNet', 'EFFICIENTNET_B0_CHANNELS']  # model_registry will add each entrypoint fn to this

@@ -89,9 +89,9 @@ import torch.utils.data
 from timm.data.distributed_sampler import OrderedDistributedSampler
 from timm.utils import unwrap_model
 
-from .data.views import MultiViewDataset
-from .loss import CoTrainingLoss
-from .task import CoTrainingTask
+from ..data.views import MultiViewDataset
+from ..loss import CoTrainingLoss
+from ..task.cotraining import CoTrainingTask
 
 __all__ = [
     'MemberParallelPlan', 'MemberParallelSplitNet', 'MemberParallelTask', 'MemberParallelError',

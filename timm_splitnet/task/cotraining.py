@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from timm.task import TrainingTask
 from timm.utils import accuracy, unwrap_model
 
-from .data import mixup_views, views_to_channels
-from .loss import CoTrainingLoss
+from ..data import mixup_views, views_to_channels
+from ..loss import CoTrainingLoss
 
 __all__ = ['CoTrainingTask', 'validate_members', 'is_splitnet']
 

@@ -104,7 +104,7 @@ class SplitNet(nn.Module):
 
     def set_split_backend(self, name: str = 'loop') -> None:
         """Select how the members are executed; every backend gives the same outputs and gradients."""
-        from .backends import resolve_backend
+        from ..parallel.backends import resolve_backend
         self.split_backend = resolve_backend(self, name)
 
     # ----- timm model API -----
@@ -357,10 +357,6 @@ def _default_cfgs() -> Dict[str, Any]:
     return generate_default_cfgs({
         splitnet_name(arch, s): _splitnet_cfg(arch, s) for arch in SPLIT_ARCHS for s in REGISTERED_SPLIT_FACTORS})
 
-
-# timm looks `default_cfgs` up on the module when an entrypoint is registered; the member models must be
-# registered first because the SplitNet cfgs derive from the members' cfgs.
-from . import models as _models  # noqa: E402,F401
 
 default_cfgs = _default_cfgs()
 _register_entrypoints()

@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from .splitnet import SplitNet
+    from ..models import SplitNet
 
 __all__ = [
     'SplitBackend', 'LoopBackend', 'PackedBackend', 'VmapBackend', 'AutoBackend', 'SPLIT_BACKENDS', 'resolve_backend',

@@ -33,15 +33,15 @@ import torch.utils.data
 from timm.layers import convert_sync_batchnorm
 from timm.utils import NativeScaler, dispatch_clip_grad, distribute_bn, init_distributed_device, unwrap_model
 
-from .cli import CliError, as_cli_error, check_rank_device, check_torchrun_env, set_split_backend
-from .data import MultiViewDataset
-from .loss import CoTrainingLoss
-from .member_parallel import (
+from ..cli import CliError, as_cli_error, check_rank_device, check_torchrun_env, set_split_backend
+from ..data import MultiViewDataset
+from ..loss import CoTrainingLoss
+from ..parallel.member_parallel import (
     MemberParallelPlan, MemberParallelSplitNet, MemberParallelTask, MemberViewDataset, clip_grad as member_clip_grad,
     convert_member_sync_batchnorm, distribute_member_bn, gather_optimizer_state_dict, init_distributed_from_env,
     load_optimizer_state_dict, member_parallel_loader)
-from .splitnet import SplitNet
-from .task import CoTrainingTask
+from ..models import SplitNet
+from .cotraining import CoTrainingTask
 
 __all__ = ['DataParallelTraining', 'MemberParallelTraining']
 
