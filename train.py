@@ -20,7 +20,9 @@ Examples:
         --member-parallel
 
 Per epoch, `summary.csv` in the output folder holds the train loss and its CE / co-training parts and the eval top-1
-/ top-5 of the ensemble (`eval_top1`, `eval_top5`) and of every member (`eval_member<i>_top1`, ...).
+/ top-5 of the ensemble (`eval_top1`, `eval_top5`) and of every member (`eval_member<i>_top1`, ...), their
+calibration (`eval_nll`, `eval_brier`, `eval_ece`, `eval_member<i>_nll`, ...) and the members' diversity
+(`eval_disagreement`, `eval_pairwise_kl`); see the README's "Calibration and diversity".
 `model_best.pth.tar` is the epoch with the best ensemble top-1, `last.pth.tar` the latest epoch; at the end the best
 weights are exported as `model.safetensors` + `config.json` and the curves plotted to `curves.png`.
 
@@ -49,14 +51,14 @@ from timm.utils import NativeScaler, ParseKwargs, get_outdir, random_seed, updat
 
 from timm_splitnet import divide_weight_decay, export_model  # importing timm_splitnet registers the splitnet_* models
 from timm_splitnet.cli import (
-    CliError, add_member_parallel_args, autocast_factory, cli_errors, create_model_checked, resolve_amp_dtype,
-    setup_logging, torchrun_rank)
+    CliError, add_member_parallel_args, as_cli_error, autocast_factory, check_rank_device, check_torchrun_env,
+    cli_errors, create_model_checked, resolve_amp_dtype, setup_logging, torchrun_rank)
 from timm_splitnet.data import (
     MultiViewDataset, collate_views, create_dataset, create_eval_transform, create_random_erasing,
     create_train_transform)
 from timm_splitnet.loss import CoTrainingLoss
-from timm_splitnet.task import CoTrainingTask, is_splitnet, validate_members
-from timm_splitnet.task.distributed import DataParallelTraining, MemberParallelTraining
+from timm_splitnet.task import (
+    CoTrainingTask, DataParallelTraining, MemberParallelTraining, is_splitnet, validate_members)
 from timm_splitnet.utils.train_state import CheckpointKeeper, gather_rng_states, load_checkpoint_file, set_rng_state
 
 _logger = logging.getLogger('train')
@@ -483,6 +485,9 @@ def _train(argv=None) -> int:
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if args.member_parallel:  # one process per member (group), launched by torchrun, one GPU each
+        check_torchrun_env('train.py')
+        check_rank_device(args.device)
     parallel = MemberParallelTraining(args.seed, args.dist_timeout, args.dist_backend) if args.member_parallel \
         else DataParallelTraining(args.seed)
     device = parallel.init_device(args)
@@ -523,8 +528,9 @@ def _train(argv=None) -> int:
     data_config = resolve_data_config(vars(args), model=model, verbose=primary)
     split_factor = model.split_factor if is_splitnet(model) else 1
     num_params = sum(p.numel() for p in model.parameters())
-    model, backend = parallel.setup_model(
-        model, device, split_backend=args.split_backend, sync_bn=args.sync_bn, channels_last=args.channels_last)
+    with as_cli_error():  # a bad --split-backend, a model or process count that does not fit --member-parallel
+        model, backend = parallel.setup_model(
+            model, device, split_backend=args.split_backend, sync_bn=args.sync_bn, channels_last=args.channels_last)
     _logger.info(
         f'Model {args.model}: {split_factor} member(s), {num_params:,} parameters, {args.num_classes} classes, '
         f'{num_views} view(s) per image, split backend {backend}.')
@@ -556,7 +562,8 @@ def _train(argv=None) -> int:
     _logger.info(
         f'Optimizer {args.opt}: lr {args.lr}, weight decay {weight_decay:.3g} '
         f'({args.weight_decay:g} divided by S={split_factor}: {args.wd_divide}).')
-    loss_scaler = parallel.create_loss_scaler(device, amp_dtype if args.amp else None, args.clip_grad)
+    with as_cli_error():  # --member-parallel refuses float16 AMP with --clip-grad
+        loss_scaler = parallel.create_loss_scaler(device, amp_dtype if args.amp else None, args.clip_grad)
 
     # ----- resume -----
     checkpoint = None
@@ -570,7 +577,8 @@ def _train(argv=None) -> int:
         start_epoch = checkpoint.get('epoch', -1) + 1
         if not args.no_resume_opt:
             if 'optimizer' in checkpoint:
-                parallel.load_optimizer_state_dict(optimizer, model, checkpoint['optimizer'])
+                with as_cli_error():
+                    task.load_optimizer_state_dict(optimizer, checkpoint['optimizer'])
             if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
                 loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
         _logger.info(f'Resumed {args.resume} (epoch {checkpoint.get("epoch")}), continuing at epoch {start_epoch}.')
@@ -680,7 +688,7 @@ def _train(argv=None) -> int:
         model_state = task.get_checkpoint_state()
         if model_ema is not None:
             model_state.update(task.get_checkpoint_state(ema=True))
-        optimizer_state = parallel.optimizer_state_dict(optimizer, model)
+        optimizer_state = task.optimizer_state_dict(optimizer)
         if primary:
             lrs = [group['lr'] for group in optimizer.param_groups]
             update_summary(
@@ -709,7 +717,7 @@ def _train(argv=None) -> int:
             break
 
     if primary and last_epoch + 1 >= num_epochs:
-        _finish(args, task, parallel, keeper, output_dir, summary_csv, best_eval_metrics or eval_metrics)
+        _finish(args, task, keeper, output_dir, summary_csv, best_eval_metrics or eval_metrics)
     parallel.finish()
     return 0
 
@@ -736,22 +744,26 @@ def _member_text(metrics: Dict[str, Any], prefix: str = '') -> str:
 def _log_eval(epoch: int, metrics: Dict[str, Any]) -> None:
     text = f'Epoch {epoch} eval: ensemble top-1 {metrics["top1"]:.3f}  top-5 {metrics["top5"]:.3f}  loss ' \
            f'{metrics["loss"]:.4f}'
+    if 'ece' in metrics:
+        text += f'  ECE {metrics["ece"]:.4f}'
     if 'member_avg_top1' in metrics:
         text += f'  | members top-1 {_member_text(metrics)} (mean {metrics["member_avg_top1"]:.3f})'
+    if 'disagreement' in metrics:
+        text += f'  disagreement {metrics["disagreement"]:.3f}'
     if 'ema_top1' in metrics:
         text += f'  | EMA ensemble top-1 {metrics["ema_top1"]:.3f}'
     _logger.info(text)
 
 
 def _finish(
-        args, task, parallel: DataParallelTraining, keeper, output_dir: str, summary_csv: str,
+        args, task: CoTrainingTask, keeper, output_dir: str, summary_csv: str,
         final: Optional[Dict[str, Any]]) -> None:
     """Export the best weights (safetensors + config.json), plot the curves, print the final accuracies."""
     ema = args.model_ema
     source = keeper.best_path if os.path.exists(keeper.best_path) else keeper.last_path
     checkpoint = load_checkpoint_file(source)
     key = 'state_dict_ema' if ema and 'state_dict_ema' in checkpoint else 'state_dict'
-    model = parallel.full_model(task, checkpoint[key])
+    model = task.full_model(checkpoint[key])
     weights = export_model(model, output_dir, extra_config=dict(
         source_checkpoint=os.path.basename(source), source_epoch=checkpoint.get('epoch'),
         weights='ema' if key == 'state_dict_ema' else 'model'))
@@ -832,7 +844,7 @@ def train_one_epoch(
                 (loss / accum_steps).backward()
                 if need_update:
                     if args.clip_grad is not None:
-                        parallel.clip_grad(model, args.clip_grad, args.clip_mode)
+                        task.clip_grad(args.clip_grad, args.clip_mode)
                     optimizer.step()
         if need_update:
             optimizer.zero_grad()

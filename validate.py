@@ -14,6 +14,10 @@ members concurrently in threads of this process (`timm_splitnet.parallel.concurr
 under torchrun places member i on rank i mod N, one process per member (group), and gathers the logits over the
 processes (`timm_splitnet.parallel.member_parallel`); rank 0 reports. Accuracies are the same as sequential either way.
 
+The same pass gives the calibration of the ensemble and of every member (`nll`, `brier`, `ece`; 15 equal-width bins of
+the top-1 confidence) and the members' diversity (`disagreement`, `pairwise_kl`), see `timm_splitnet.utils.metrics`;
+`--reliability-plot FILE.png` draws the reliability diagram of the ensemble and of the mean member.
+
     torchrun --nproc_per_node=2 validate.py --data-dir /data/imagenet --model splitnet_resnet50_s2 \\
         --checkpoint model_best.pth.tar --member-parallel
 
@@ -45,16 +49,11 @@ from timm_splitnet.cli import (
     resolve_device_checked, set_split_backend,
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers
+from timm_splitnet.utils.metrics import ENSEMBLE_MANNERS, CalibrationMeter, EnsembleMetrics
 
 _logger = logging.getLogger('validate')
 
-# Table 9 manners: name -> (reduction over members, on softmax probabilities)
-ENSEMBLE_MANNERS = OrderedDict([
-    ('mean', ('mean', False)),
-    ('max', ('max', False)),
-    ('softmax_mean', ('mean', True)),
-    ('softmax_max', ('max', True)),
-])
+# ENSEMBLE_MANNERS, the Table 9 manners: name -> (reduction over members, on softmax probabilities)
 _MANNER_LABELS = {
     'mean': 'logits + mean', 'max': 'logits + max', 'softmax_mean': 'softmax + mean', 'softmax_max': 'softmax + max'}
 
@@ -107,6 +106,8 @@ parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='
                     help='enable compilation w/ specified backend (default: inductor)')
 parser.add_argument('--ensemble', default='all', choices=['all'] + list(ENSEMBLE_MANNERS),
                     help='ensemble manner of top1/top5 (all: the model\'s configured manner, plus all four reported)')
+parser.add_argument('--reliability-plot', default='', type=str, metavar='FILE',
+                    help='write a reliability diagram (ensemble and mean member, 15 bins) to FILE (.png / .pdf / .svg)')
 add_model_args(parser)
 add_input_args(parser)
 add_member_parallel_args(parser)
@@ -259,12 +260,39 @@ def _reduce_meters(meters: Sequence[AverageMeter], plan, device: torch.device) -
         m.avg = total / max(count, 1)
 
 
-def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
+def _significant(value: float, digits: int = 6) -> float:
+    """`value` rounded to `digits` significant digits (calibration and diversity metrics can be small)."""
+    return float(f'{value:.{digits}g}')
+
+
+def _plot_reliability(calibration, path: str, model_name: str, configured: str | None) -> str:
+    """Draw the reliability diagram of a finished `EnsembleMetrics` / `CalibrationMeter`, errors as CliError."""
+    if isinstance(calibration, EnsembleMetrics):
+        curves = calibration.reliability()
+        curves = OrderedDict([(f'ensemble ({_MANNER_LABELS[configured]})', curves['ensemble']),
+                              ('mean member', curves['mean member'])])
+    else:
+        curves = OrderedDict(model=calibration.reliability())
+    try:
+        from timm_splitnet.plots import plot_reliability
+        plot_reliability(curves, path, title=f'{model_name}: reliability (top-1, {calibration.num_bins} bins)')
+    except ImportError as e:
+        raise CliError(f'--reliability-plot needs matplotlib ({e}).') from e
+    except (OSError, ValueError) as e:
+        raise CliError(f'cannot write the reliability diagram {path}: {e}') from e
+    _logger.info(f'Reliability diagram: {path}')
+    return path
+
+
+def validate(args, model_name: Optional[str] = None, reliability_plot: str | None = None) -> Dict[str, Any]:
     """Validate one model; returns the result row (an OrderedDict).
 
     With `args.member_parallel` every rank calls it for the same model (a collective) and returns the same row.
+    `reliability_plot` (default `args.reliability_plot`) is the image file of the reliability diagram (rank 0).
     """
     model_name = model_name or args.model
+    if reliability_plot is None:
+        reliability_plot = getattr(args, 'reliability_plot', '')
     devices = parse_devices_checked(args.devices) if args.devices else None
     device = devices[0] if devices else resolve_device_checked(args.device)
     amp_dtype = resolve_amp_dtype(args.amp_dtype) if args.amp else None
@@ -350,6 +378,9 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
     meters: Dict[str, List[AverageMeter]] = OrderedDict(
         (key, [AverageMeter(), AverageMeter()])
         for key in [f'ens_{m}' for m in manners] + [f'member{i}' for i in range(split_factor or 0)])
+    # calibration of the configured ensemble (plain keys), of every evaluated manner and member; diversity
+    calibration = EnsembleMetrics(split_factor, configured, manners, device=device) if is_split else \
+        CalibrationMeter(device=device)
     start = end = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -376,10 +407,12 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
                     output = ensemble_output(out, configured)
                     acc1, acc5 = accs[f'ens_{configured}']
                     loss = ensemble_loss(output, target, softmax=configured.startswith('softmax'))
+                    calibration.update(out, target)
                 else:
                     output = out
                     acc1, acc5 = [a.item() for a in accuracy(output, target, topk=(1, min(5, output.shape[-1])))]
                     loss = F.cross_entropy(output.float(), target)
+                    calibration.update(output, target)
                 losses.update(loss.item(), batch_size)
                 top1.update(acc1, batch_size)
                 top5.update(acc5, batch_size)
@@ -397,6 +430,9 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
         if runner is not None:
             runner.close()
     _reduce_meters([losses, top1, top5] + [m for pair in meters.values() for m in pair], plan, device)
+    if plan is not None and plan.member_group is not None:
+        calibration.all_reduce(plan.member_group)
+    calibration_metrics = calibration.compute()
     elapsed = time.perf_counter() - start
     num_images = int(top1.count)
 
@@ -406,6 +442,8 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
     results['top5'] = round(top5.avg, 4)
     results['top5_err'] = round(100 - top5.avg, 4)
     results['loss'] = round(losses.avg, 4)
+    for key in ('nll', 'brier', 'ece'):
+        results[key] = _significant(calibration_metrics.pop(key))
     if is_split:
         results['ensemble'] = configured
         for key, (m1, m5) in meters.items():
@@ -413,6 +451,8 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
             results[f'{key}_top5'] = round(m5.avg, 4)
         member_top1 = [meters[f'member{i}'][0].avg for i in range(split_factor)]
         results['member_avg_top1'] = round(sum(member_top1) / len(member_top1), 4)
+        # ens_{manner}_{nll,brier,ece}, member{i}_{nll,brier,ece}, disagreement, pairwise_kl
+        results.update((key, _significant(value)) for key, value in calibration_metrics.items())
     results['param_count'] = round(param_count / 1e6, 4)
     results['gmacs'] = gmacs
     results['samples_per_sec'] = round(num_images / elapsed, 2) if elapsed > 0 else None
@@ -431,6 +471,8 @@ def validate(args, model_name: Optional[str] = None) -> Dict[str, Any]:
         results['device'] = ','.join(str(d) for d in devices) if devices else str(device)
     if args.checkpoint:
         results['checkpoint'] = args.checkpoint
+    if reliability_plot and (plan is None or plan.rank == 0):
+        results['reliability_plot'] = _plot_reliability(calibration, reliability_plot, model_name, configured)
     _logger.info(
         f' * Acc@1 {results["top1"]:.3f} ({results["top1_err"]:.3f}) Acc@5 {results["top5"]:.3f} '
         f'({results["top5_err"]:.3f})')
@@ -441,23 +483,31 @@ def format_results(results: Dict[str, Any]) -> str:
     """A readable table of one result row: ensemble manners and members, then the model facts."""
     lines = [f'{results["model"]}  ({results.get("num_images")} images, {results.get("img_size")} px, '
              f'crop {results.get("crop_pct")}, {results.get("interpolation")})']
-    lines.append(f'  {"":<28} {"top1":>8} {"top5":>8}')
+    lines.append(f'  {"":<28} {"top1":>8} {"top5":>8} {"nll":>8} {"brier":>8} {"ece":>8}')
+
+    def row(label: str, prefix: str) -> str:
+        calibration = ''.join(
+            f' {results[prefix + k]:>8.4f}' if isinstance(results.get(prefix + k), float) else f' {"-":>8}'
+            for k in ('nll', 'brier', 'ece'))
+        return f'  {label:<28} {results[prefix + "top1"]:>8.3f} {results[prefix + "top5"]:>8.3f}{calibration}'
+
     configured = results.get('ensemble')
     if configured is None:
-        lines.append(f'  {"model":<28} {results["top1"]:>8.3f} {results["top5"]:>8.3f}')
+        lines.append(row('model', ''))
     else:
         for manner in ENSEMBLE_MANNERS:
             if f'ens_{manner}_top1' in results:
                 mark = ' *' if manner == configured else ''
-                label = f'ensemble {_MANNER_LABELS[manner]}{mark}'
-                lines.append(f'  {label:<28} {results[f"ens_{manner}_top1"]:>8.3f} '
-                             f'{results[f"ens_{manner}_top5"]:>8.3f}')
+                lines.append(row(f'ensemble {_MANNER_LABELS[manner]}{mark}', f'ens_{manner}_'))
         i = 0
         while f'member{i}_top1' in results:
-            lines.append(f'  {f"member {i}":<28} {results[f"member{i}_top1"]:>8.3f} {results[f"member{i}_top5"]:>8.3f}')
+            lines.append(row(f'member {i}', f'member{i}_'))
             i += 1
-        lines.append(f'  (* = top1/top5, the model\'s ensemble manner; member average top1 '
+        lines.append(f'  (* = top1/top5/nll/brier/ece, the model\'s ensemble manner; member average top1 '
                      f'{results["member_avg_top1"]:.3f})')
+        if 'disagreement' in results:
+            lines.append(f'  member diversity: disagreement {results["disagreement"]:.4f}  pairwise KL '
+                         f'{results["pairwise_kl"]:.4g}')
     lines.append(
         f'  loss {results["loss"]:.4f}  params {results["param_count"]:.3f} M  GMACs {results["gmacs"]}  '
         f'{results["samples_per_sec"]} img/s' +
@@ -482,8 +532,12 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         check_data_root(args)
         results = []
         for name in model_names:
+            plot = args.reliability_plot
+            if plot and len(model_names) > 1:  # one diagram per model: FILE-<model>.png
+                stem, ext = os.path.splitext(plot)
+                plot = f'{stem}-{name}{ext or ".png"}'
             try:
-                results.append(validate(args, name))
+                results.append(validate(args, name, reliability_plot=plot))
             except CliError as e:
                 if len(model_names) == 1:
                     raise

@@ -29,10 +29,10 @@ from timm_splitnet.utils.checkpoint import export_model, load_safetensors  # noq
 from timm_splitnet.data import channels_to_views  # noqa: E402
 from timm_splitnet.loss import CoTrainingLoss, js_divergence  # noqa: E402
 from timm_splitnet.parallel.member_parallel import (  # noqa: E402
-    MemberParallelError, MemberParallelPlan, MemberParallelSplitNet, MemberParallelTask, SharedRandomMixup, clip_grad,
+    MemberParallelError, MemberParallelPlan, MemberParallelSplitNet, SharedRandomMixup, clip_grad,
     distribute_member_bn, gather_optimizer_state_dict, gather_state_dict, init_member_parallel,
     load_optimizer_state_dict, member_parallel_forward)
-from timm_splitnet.task import CoTrainingTask, validate_members  # noqa: E402
+from timm_splitnet.task import CoTrainingTask, MemberParallelTask, validate_members  # noqa: E402
 
 BATCH = 8
 # a large co-training weight and spread-out logits: the JS term moves the parameters as much as the CE terms
@@ -146,10 +146,10 @@ def scenario_grad_modes() -> dict:
     views, target = make_batch(split_factor, 0)
     out = {}
     for term in ('full', 'js'):
-        def full_loss(logits):
+        def full_loss(logits, term=term):
             return criterion()(logits, target).loss if term == 'full' else js_divergence(logits)
 
-        def share_loss(logits):
+        def share_loss(logits, term=term):
             ce = sum(torch.nn.functional.cross_entropy(logits[i], target) for i in plan.members)
             js = js_divergence(logits) / plan.slots
             return ce + COT_WEIGHT * js if term == 'full' else js
@@ -163,11 +163,11 @@ def scenario_grad_modes() -> dict:
             loss_fn(mp_model(views)).backward()
             return {n: p.grad for n, p in mp_model.named_parameters()}
 
-        def ratio(g: dict) -> float:
+        def ratio(g: dict, ref_grads=ref_grads) -> float:
             num = sum((g[n] * ref_grads[n]).sum() for n in g)
             return float(num / sum((ref_grads[n] * ref_grads[n]).sum() for n in g))
 
-        def rel_err(g: dict) -> float:
+        def rel_err(g: dict, ref_grads=ref_grads) -> float:
             num = sum(((g[n] - ref_grads[n]) ** 2).sum() for n in g)
             return float((num / sum((ref_grads[n] ** 2).sum() for n in g)).sqrt())
 

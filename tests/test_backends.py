@@ -9,7 +9,9 @@ import torch
 import timm
 import timm_splitnet  # noqa: F401 (registers the SplitNet and CIFAR models)
 from timm_splitnet import SplitNet
-from timm_splitnet.parallel import backends as bk
+from timm_splitnet.models._backends import SPLIT_BACKENDS, LoopBackend
+from timm_splitnet.parallel import auto, vmap
+from timm_splitnet.parallel.packed import backend as packed_backend
 
 
 @pytest.fixture(autouse=True, scope='module')
@@ -73,7 +75,7 @@ def inputs(split_factor, shared, batch=4, size=32, dtype=torch.float64):
 def test_packed_matches_loop(family):
     member, split_factor, kwargs = PACKED_FAMILIES[family]
     model, ref = make_pair(member, split_factor, kwargs)
-    assert model.split_backend.supports(model, [inputs(split_factor, True)] * split_factor), family
+    assert model.split_backend.supports(model.models, [inputs(split_factor, True)] * split_factor), family
     params = dict(model.named_parameters())
     ref_params = dict(ref.named_parameters())
     # train: outputs, gradients of every member parameter, and BN statistics over a few steps, both input kinds
@@ -127,7 +129,7 @@ def test_packed_sync_batch_norm(member, convert):
     model, ref = convert(model), convert(ref)
     ref.load_state_dict(model.state_dict())
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-    assert model.split_backend.supports(model, list(x.chunk(2, dim=1)))
+    assert model.split_backend.supports(model.models, list(x.chunk(2, dim=1)))
     for train in (True, False):
         model.train(train)
         ref.train(train)
@@ -178,7 +180,7 @@ def test_shake_shake_packs_eval_and_trains():
     x = inputs(2, False)
     with torch.no_grad():
         assert_close(model.forward_members(x), ref.forward_members(x), what='shake-shake eval')
-    assert model.split_backend.supports(model, list(x.chunk(2, dim=1)))
+    assert model.split_backend.supports(model.models, list(x.chunk(2, dim=1)))
     model.train()
     out = model(x)
     assert out.shape == (2, 4, 5)
@@ -188,14 +190,14 @@ def test_shake_shake_packs_eval_and_trains():
 
 def test_pyramidnet_packs(caplog):
     kwargs = dict(layers=(1, 1, 1), alpha=8, shakedrop_prob=0.)
-    with caplog.at_level(logging.INFO, logger=bk.__name__):
+    with caplog.at_level(logging.INFO, logger=packed_backend.__name__):
         model, ref = make_pair('pyramidnet272_cifar', 2, kwargs)
     model.eval()
     ref.eval()
     x = inputs(2, False)
     with torch.no_grad():
         assert_close(model.forward_members(x), ref.forward_members(x), what='pyramidnet eval')
-    assert model.split_backend.supports(model, list(x.chunk(2, dim=1)))
+    assert model.split_backend.supports(model.models, list(x.chunk(2, dim=1)))
     assert "runs with 'loop'" not in caplog.text
 
 
@@ -203,7 +205,7 @@ def test_pyramidnet_packs(caplog):
 
 def test_unsupported_family_falls_back_to_loop_with_one_log_line(caplog):
     torch.manual_seed(0)
-    with caplog.at_level(logging.INFO, logger=bk.__name__):
+    with caplog.at_level(logging.INFO, logger=packed_backend.__name__):
         model = SplitNet('test_vit', 2, num_classes=5, split_backend='packed')
         ref = copy.deepcopy(model)
         ref.set_split_backend('loop')
@@ -213,7 +215,7 @@ def test_unsupported_family_falls_back_to_loop_with_one_log_line(caplog):
             ref.train(train)
             with torch.no_grad():
                 torch.testing.assert_close(model.forward_members(x), ref.forward_members(x))
-    lines = [r for r in caplog.records if r.name == bk.__name__]
+    lines = [r for r in caplog.records if r.name == packed_backend.__name__]
     assert len(lines) == 1, [r.getMessage() for r in lines]
     assert 'test_vit' in lines[0].getMessage() and "'loop'" in lines[0].getMessage()
 
@@ -224,7 +226,7 @@ def test_grad_checkpointing_runs_the_loop(caplog):
     model.train()
     ref.train()
     x = inputs(2, False)
-    with caplog.at_level(logging.INFO, logger=bk.__name__):
+    with caplog.at_level(logging.INFO, logger=packed_backend.__name__):
         assert_close(model(x), ref(x), what='checkpointing')
     assert 'checkpointing' in caplog.text
 
@@ -237,9 +239,9 @@ def test_set_split_backend_and_create_model():
     with torch.no_grad():
         packed = model(x)
         model.set_split_backend('loop')
-        assert isinstance(model.split_backend, bk.LoopBackend)
+        assert isinstance(model.split_backend, LoopBackend)
         assert_close(packed, model(x), rtol=1e-5, what='create_model packed')
-    assert set(bk.SPLIT_BACKENDS) >= {'loop', 'packed', 'vmap', 'auto'}
+    assert set(SPLIT_BACKENDS) >= {'loop', 'packed', 'vmap', 'auto'}
 
 
 def test_unknown_backend_lists_valid_names():
@@ -298,7 +300,7 @@ def test_vmap_matches_loop_in_eval_and_falls_back_in_train(caplog):
     model.train()
     ref.train()
     x = inputs(2, False)
-    with caplog.at_level(logging.INFO, logger=bk.__name__):
+    with caplog.at_level(logging.INFO, logger=vmap.__name__):
         assert_close(model(x), ref(x), what='vmap train')
     assert 'train mode' in caplog.text
     for b, rb in zip(model.buffers(), ref.buffers()):
@@ -306,16 +308,16 @@ def test_vmap_matches_loop_in_eval_and_falls_back_in_train(caplog):
 
 
 def test_auto_picks_a_backend_caches_it_and_keeps_the_state(monkeypatch):
-    bk.clear_auto_cache()
+    auto.clear_auto_cache()
     model, ref = make_pair('test_resnet', 2, {}, backend='auto')
     trials = []
-    original = bk.AutoBackend._trial
+    original = auto.AutoBackend._trial
 
     def counting_trial(self, *args, **kwargs):
         trials.append(1)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(bk.AutoBackend, '_trial', counting_trial)
+    monkeypatch.setattr(auto.AutoBackend, '_trial', counting_trial)
     model.train()
     ref.train()
     x = inputs(2, False)
@@ -339,5 +341,5 @@ def test_auto_picks_a_backend_caches_it_and_keeps_the_state(monkeypatch):
     with torch.no_grad():
         model(x)
     assert len(trials) == 2 and model.split_backend.last_choice in ('loop', 'packed', 'vmap')
-    assert len(bk._AUTO_CHOICES) == 2
-    bk.clear_auto_cache()
+    assert len(auto._AUTO_CHOICES) == 2
+    auto.clear_auto_cache()

@@ -1,5 +1,8 @@
 """SplitNet wrapper, division rules, registry and weights (CPU)."""
+import ast
+import inspect
 import math
+import re
 
 import pytest
 import torch
@@ -13,6 +16,8 @@ from timm_splitnet.models.division import (
     EFFICIENTNET_CHANNELS, SPLIT_ARCHS, densenet_growth_rate, divide_drop_rate, divide_weight_decay, member_kwargs,
     pyramidnet_alpha, resnext_cardinality, shakedrop_prob, wrn_widen_factor,
 )
+from timm_splitnet.models import division, splitnet_entrypoints
+from timm_splitnet.models.splitnet import REGISTERED_SPLIT_FACTORS, splitnet_name
 
 torch.set_num_threads(2)
 
@@ -100,6 +105,28 @@ def test_registry_lists_every_entrypoint():
     expected = {f'splitnet_{a}_s{s}' for a in SPLIT_ARCHS for s in (1, 2, 4)}
     assert expected <= names
     assert len(SPLIT_ARCHS) == 20
+
+
+def test_split_arch_rows_use_keyword_fields():
+    rows = [n for n in ast.walk(ast.parse(inspect.getsource(division)))
+            if isinstance(n, ast.Call) and getattr(n.func, 'id', None) == 'SplitArch']
+    assert len(rows) == len(SPLIT_ARCHS)
+    assert all(not row.args and {k.arg for k in row.keywords} >= {'name', 'member', 'divide'} for row in rows)
+
+
+def test_every_registered_name_is_defined_in_source():
+    # the registry holds exactly one name per (arch, S), and each is a `def` that grep finds
+    names = set(timm.list_models('splitnet_*'))
+    assert names == {splitnet_name(a, s) for a in SPLIT_ARCHS for s in REGISTERED_SPLIT_FACTORS}
+    source = inspect.getsource(splitnet_entrypoints)
+    defined = set(re.findall(r'^def (splitnet_\w+)\(pretrained: bool = False, \*\*kwargs\) -> SplitNet:', source, re.M))
+    assert defined == names
+    cfg_keys = set(re.findall(r"^    '(splitnet_\w+)': splitnet_cfg\(", source, re.M))
+    assert cfg_keys == names
+    for name in names:
+        fn = timm.models.model_entrypoint(name)
+        assert fn is getattr(splitnet_entrypoints, name) and fn.__name__ == name and fn.__doc__
+        assert timm.models.get_pretrained_cfg(name).architecture == name
 
 
 @pytest.mark.parametrize('name', sorted(f'splitnet_{a}_s{s}' for a in SPLIT_ARCHS for s in (1, 2, 4)))

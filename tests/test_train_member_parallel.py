@@ -27,7 +27,7 @@ import torch.nn as nn
 
 import timm
 import timm_splitnet  # noqa: F401
-from timm_splitnet.cli import TORCHRUN_ENV, CliError
+from timm_splitnet.cli import TORCHRUN_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / 'train.py'
@@ -169,9 +169,11 @@ def test_one_process_holding_both_members_trains_alike(mp_run, cifar_folder, tmp
     proc, output, _ = _torchrun('--data-dir', cifar_folder, *TINY, *FEATURES, '--epochs', 2, '--output', tmp_path,
                                 '--experiment', 'one', '--member-parallel', nproc=1, cwd=tmp_path)
     assert proc.returncode == 0, output[-4000:]
+    # abs 1e-4: the small co-training loss, ECE (bin edges) and pairwise KL differ in the 5th decimal between one and
+    # two processes (float reduction order of the gathered logits)
     for mp_row, one_row in zip(_summary(mp_run[0]), _summary(tmp_path / 'one')):
         for key, value in mp_row.items():
-            assert float(one_row[key]) == pytest.approx(float(value), rel=1e-4, abs=1e-5), key
+            assert float(one_row[key]) == pytest.approx(float(value), rel=1e-4, abs=1e-4), key
 
 
 # ----- (b) checkpoint interchange -----
@@ -270,5 +272,5 @@ def test_fp16_clip_grad_is_refused_member_parallel():
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # GradScaler on a machine without CUDA warns that it is disabled
         assert hooks.create_loss_scaler(torch.device('cuda'), torch.float16, None) is not None
-        with pytest.raises(CliError, match='--clip-grad with float16 AMP'):
+        with pytest.raises(ValueError, match='clip_grad with float16 AMP'):
             hooks.create_loss_scaler(torch.device('cuda'), torch.float16, 1.0)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import timm
 import timm_splitnet
@@ -142,6 +143,59 @@ def test_validate_safetensors_metrics(cifar_folder, tiny_weights, sequential_run
         assert r[f'{key}_top5'] == pytest.approx(hand_topk(scores, target, 5), abs=1e-3), name
     assert r['loss'] == pytest.approx(F.cross_entropy(logits.mean(0), target).item(), abs=1e-3)
 
+    # calibration and diversity, from the same logits by their definitions (15 bins of the top-1 confidence)
+    logits, probs = logits.double(), probs.double()
+    top = probs.amax(0)
+    distributions = {
+        'ens_mean': logits.mean(0).softmax(-1), 'ens_max': logits.amax(0).softmax(-1),
+        'ens_softmax_mean': probs.mean(0), 'ens_softmax_max': top / top.sum(-1, keepdim=True),
+        'member0': probs[0], 'member1': probs[1]}
+    for name, p in distributions.items():
+        for key, value in hand_calibration(p, target).items():
+            assert r[f'{name}_{key}'] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, key)
+    for key in ('nll', 'brier', 'ece'):
+        assert r[key] == r[f'ens_mean_{key}'], key  # the configured manner
+    assert r['nll'] == pytest.approx(r['loss'], abs=1e-3)
+    assert r['disagreement'] == pytest.approx((logits[0].argmax(-1) != logits[1].argmax(-1)).double().mean().item())
+    kl01 = (probs[0] * (probs[0].log() - probs[1].log())).sum(-1).mean().item()
+    kl10 = (probs[1] * (probs[1].log() - probs[0].log())).sum(-1).mean().item()
+    assert r['pairwise_kl'] == pytest.approx((kl01 + kl10) / 2, rel=1e-4)
+
+
+def hand_calibration(probs: torch.Tensor, target: torch.Tensor, num_bins: int = 15) -> dict:
+    """NLL, Brier score and ECE (equal-width bins of the top-1 confidence) of probabilities [N, C]."""
+    conf, pred = probs.max(-1)
+    correct = (pred == target).double()
+    gaps = [(correct[in_bin].sum() - conf[in_bin].sum()).abs().item()
+            for b in range(num_bins) for in_bin in [(conf > b / num_bins) & (conf <= (b + 1) / num_bins)]]
+    return {
+        'nll': -probs[torch.arange(len(target)), target].log().mean().item(),
+        'brier': (probs - F.one_hot(target, probs.shape[-1])).square().sum(-1).mean().item(),
+        'ece': sum(gaps) / len(target)}
+
+
+def test_validate_calibration_keys_and_reliability_plot(cifar_folder, tmp_path):
+    """`validate.py DATA --model splitnet_resnet110_s2 --num-classes 10 --results-format json --results-file r.json
+    --reliability-plot rel.png`: the calibration and diversity keys, and a PNG reliability diagram."""
+    results_file, png = tmp_path / 'r.json', tmp_path / 'rel.png'
+    r = validate.main([
+        str(cifar_folder), '--model', MODEL, '--num-classes', '10', '--results-format', 'json',
+        '--results-file', str(results_file), '--reliability-plot', str(png), '-j', '0', '--device', 'cpu',
+        '--log-freq', '0'])[0]
+    assert json.loads(results_file.read_text()) == [dict(r)]
+    calibration = ('nll', 'brier', 'ece')
+    keys = [*calibration, 'disagreement', 'pairwise_kl'] + [
+        f'{name}_{k}' for name in [f'ens_{m}' for m in MANNERS] + ['member0', 'member1'] for k in calibration]
+    for key in keys:
+        assert isinstance(r[key], float) and r[key] >= 0, key
+        if key.endswith('ece') or key == 'disagreement':
+            assert r[key] <= 1, key
+        if key.endswith('brier'):
+            assert r[key] <= 2, key
+    assert r['reliability_plot'] == str(png)
+    with Image.open(png) as image:
+        assert image.format == 'PNG' and image.size[0] > 200 and image.size[1] > 200
+
 
 def test_validate_concurrent_same_accuracies(cifar_folder, tiny_weights, sequential_run):
     """Members on two CPU "devices" in two threads: the sequential run's accuracies; --ensemble picks top1."""
@@ -154,6 +208,10 @@ def test_validate_concurrent_same_accuracies(cifar_folder, tiny_weights, sequent
     for key in ('ens_softmax_max_top1', 'ens_softmax_max_top5', 'member0_top1', 'member0_top5', 'member1_top1',
                 'member1_top5'):
         assert c[key] == pytest.approx(r[key], abs=1e-3), key
+    assert 'ens_mean_nll' not in c and (c['nll'], c['ece']) == (c['ens_softmax_max_nll'], c['ens_softmax_max_ece'])
+    for key in ('ens_softmax_max_nll', 'ens_softmax_max_brier', 'ens_softmax_max_ece', 'member0_nll', 'member1_ece',
+                'disagreement', 'pairwise_kl'):
+        assert c[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), key
 
 
 def test_validate_pth_tar_ema(cifar_folder, tiny_weights, sequential_run, tmp_path):
@@ -172,17 +230,25 @@ def test_validate_model_list_csv(cifar_folder, tmp_path):
     out = tmp_path / 'results.csv'
     results = validate.main([
         '--data-dir', str(cifar_folder), '--model-list', 'splitnet_resnet110_s1,splitnet_resnet110_s4',
-        '-b', '100', '-j', '0', '--device', 'cpu', '--log-freq', '0', '--results-file', str(out)] + TINY_ARGS)
+        '-b', '100', '-j', '0', '--device', 'cpu', '--log-freq', '0', '--results-file', str(out),
+        '--reliability-plot', str(tmp_path / 'rel.png')] + TINY_ARGS)
     assert [r['model'] for r in results] == ['splitnet_resnet110_s1', 'splitnet_resnet110_s4']
     rows = list(csv.DictReader(out.open()))
     assert [r['model'] for r in rows] == ['splitnet_resnet110_s1', 'splitnet_resnet110_s4']
     assert rows[1]['member3_top1'] != '' and rows[0].get('member3_top1', '') == ''
+    # one member: calibration, no diversity
+    assert rows[0]['member0_ece'] != '' and rows[0].get('disagreement', '') == '' and rows[1]['disagreement'] != ''
+    # several models: one reliability diagram each
+    for name in ('splitnet_resnet110_s1', 'splitnet_resnet110_s4'):
+        assert (tmp_path / f'rel-{name}.png').is_file(), name
 
 
 def test_validate_plain_timm_model(cifar_folder):
     r = run_validate(cifar_folder, '--num-classes', '10', '--img-size', '32', model='resnet18', tiny=False)[0]
     assert r['model'] == 'resnet18' and 0 <= r['top1'] <= r['top5'] <= 100
     assert not any(k.startswith(('member', 'ens_', 'split_')) for k in r)
+    assert 'disagreement' not in r and 'pairwise_kl' not in r
+    assert r['nll'] == pytest.approx(r['loss'], abs=1e-3) and 0 <= r['ece'] <= 1 and 0 <= r['brier'] <= 2
     assert r['param_count'] == pytest.approx(11.18, abs=0.01) and r['img_size'] == 32
 
 

@@ -21,7 +21,7 @@ import logging
 import os
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -30,11 +30,10 @@ import timm
 from timm.utils import ParseKwargs, setup_default_logging
 
 from .parallel.concurrent import parse_devices, resolve_device
+from .parallel.member_parallel import MemberParallelPlan, MemberParallelSplitNet, init_member_parallel
+from .task.distributed import select_split_backend
 from .utils.flops import count_macs
 from .models import SplitNet
-
-if TYPE_CHECKING:
-    from .parallel.member_parallel import MemberParallelPlan
 
 __all__ = [
     'CliError', 'cli_errors', 'as_cli_error', 'cli_session', 'add_model_args', 'add_input_args', 'add_results_args',
@@ -70,9 +69,10 @@ def cli_errors(prog: str) -> Iterator[None]:
 @contextmanager
 def as_cli_error(*types: Type[Exception]) -> Iterator[None]:
     """Re-raise `types` (default: ValueError) raised in the block as a `CliError` with the same message."""
+    catch = types or (ValueError,)
     try:
         yield
-    except (types or (ValueError,)) as e:
+    except catch as e:
         raise CliError(str(e)) from e
 
 
@@ -194,15 +194,10 @@ def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def set_split_backend(model: nn.Module, backend: Optional[str]) -> Optional[str]:
-    """Select the member execution backend of a SplitNet; returns the backend name (None for plain models)."""
-    if not isinstance(model, SplitNet):
-        if backend not in (None, '', 'loop'):
-            _logger.warning(f'--split-backend {backend} ignored: {type(model).__name__} is not a SplitNet.')
-        return None
-    if backend:
-        with as_cli_error():
-            model.set_split_backend(backend)
-    return str(model.split_backend)
+    """Select the member execution backend of a SplitNet (`--split-backend`); returns the backend name (None for
+    plain models). An unknown backend is reported as a CliError."""
+    with as_cli_error():
+        return select_split_backend(model, backend)
 
 
 def model_gmacs(
@@ -369,7 +364,7 @@ def init_member_parallel_checked(
         backend: Optional[str] = None,
         timeout: Optional[float] = None,
         name: str = '',
-) -> Tuple[nn.Module, 'MemberParallelPlan', torch.device]:
+) -> Tuple[nn.Module, MemberParallelPlan, torch.device]:
     """Wrap a SplitNet for member-parallel inference under torchrun; the inputs are checked first.
 
     Every rank builds the full model and loads its weights; this keeps member i on rank i mod N (its replicas on
@@ -389,8 +384,6 @@ def init_member_parallel_checked(
     Raises:
         CliError: Not a SplitNet, a world size that does not fit S, or a bad device.
     """
-    from .parallel.member_parallel import MemberParallelPlan, MemberParallelSplitNet, init_member_parallel
-
     name = name or type(model).__name__
     if not isinstance(model, SplitNet):
         raise CliError(f'--member-parallel needs a SplitNet model, {name} is a {type(model).__name__}.')
@@ -406,7 +399,7 @@ def init_member_parallel_checked(
     return MemberParallelSplitNet(model, plan, dev), plan, dev
 
 
-def rank_devices(plan: 'MemberParallelPlan', device: torch.device) -> str:
+def rank_devices(plan: MemberParallelPlan, device: torch.device) -> str:
     """The device of every rank, 'cuda:0,cuda:1' (a collective over all ranks)."""
     if not plan.distributed:
         return str(device)

@@ -1,4 +1,5 @@
-""" Plots of SplitNet results: latency comparison (`benchmark.py`) and training curves (`train.py`)
+""" Plots of SplitNet results: latency comparison (`benchmark.py`), training curves (`train.py`), reliability
+diagrams (`validate.py`)
 
 matplotlib is imported lazily with the Agg backend: importing this module needs neither a display nor matplotlib.
 """
@@ -7,7 +8,7 @@ import math
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ['plot_latency', 'read_summary', 'plot_curves']
+__all__ = ['plot_latency', 'read_summary', 'plot_curves', 'plot_reliability']
 
 _MODE_ORDER = ('undivided', 'single', 'sequential', 'concurrent', 'member_parallel')
 _MODE_COLORS = {'undivided': '#7f7f7f', 'single': '#7f7f7f', 'sequential': '#1f77b4', 'concurrent': '#d62728',
@@ -76,7 +77,7 @@ def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[s
     width = 0.8 / max_bars
     for ax, (ylabel, value_fn) in zip(axes[0], panels):
         seen_labels = set()
-        for gi, (group, members) in enumerate(groups.items()):
+        for gi, members in enumerate(groups.values()):
             offset = (len(members) - 1) / 2
             for bi, r in enumerate(members):
                 value = value_fn(r)
@@ -189,3 +190,66 @@ def plot_curves(summary_csv: str, png: str) -> str:
     fig.savefig(png, dpi=100)
     plt.close(fig)
     return png
+
+
+# ----- reliability diagram -----
+
+
+def plot_reliability(curves: dict[str, dict[str, list[float]]], path: str, title: str | None = None) -> str:
+    """Draw a reliability diagram (top-1 accuracy against confidence per bin, bin counts below) and save it.
+
+    Args:
+        curves: Label -> reliability data of `timm_splitnet.utils.metrics` (`CalibrationMeter.reliability`,
+            `EnsembleMetrics.reliability`): bin `edges`, per bin `count`, `confidence` and `accuracy` (NaN where a
+            bin is empty), and the `ece` shown in the legend.
+        path: Output image file; the format follows the extension (png, pdf, svg).
+        title: Figure title.
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: No curve to plot.
+    """
+    if not curves:
+        raise ValueError('No reliability data to plot.')
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_count) = plt.subplots(
+        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={'height_ratios': (3, 1.2)})
+    ax_acc.plot([0, 1], [0, 1], ls='--', lw=1, color='gray', label='perfect calibration')
+    width = 0.8 / len(curves)
+    for ci, (label, data) in enumerate(curves.items()):
+        edges = data['edges']
+        bin_width = edges[1] - edges[0]
+        lefts = edges[:-1]
+        color = f'C{ci}'
+        ece = data.get('ece')
+        text = f'{label} (ECE {ece:.4f})' if ece is not None and not math.isnan(ece) else label
+        accuracy = [0. if math.isnan(a) else a for a in data['accuracy']]
+        if ci == 0:  # the first curve as bars, the others as outlines
+            ax_acc.bar(lefts, accuracy, width=bin_width, align='edge', color=color, alpha=0.4, edgecolor=color, lw=1,
+                       label=text)
+        else:
+            ax_acc.stairs(accuracy, edges, color=color, lw=1.5, label=text)
+        points = [(c, a) for c, a in zip(data['confidence'], data['accuracy']) if not math.isnan(a)]
+        if points:
+            ax_acc.plot(*zip(*points), marker='o', ms=4, lw=1, color=color,
+                        label=f'{label}: (mean confidence, accuracy)')
+        centers = [e + bin_width * (0.1 + width * (ci + 0.5)) for e in lefts]
+        ax_count.bar(centers, data['count'], width=bin_width * width, color=color, alpha=0.7, label=label)
+    ax_acc.set_xlim(0, 1)
+    ax_acc.set_ylim(0, 1)
+    ax_acc.set_ylabel('top-1 accuracy')
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(loc='upper left', fontsize=8)
+    ax_acc.set_title(title or f'Reliability diagram ({len(next(iter(curves.values()))["count"])} bins)', fontsize=10)
+    ax_count.set_xlabel('top-1 confidence')
+    ax_count.set_ylabel('samples per bin')
+    ax_count.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,7 +1,7 @@
-""" Data pipeline of timm_splitnet: multi-view loading, CIFAR / ImageNet transforms and data sets
+""" Data of timm_splitnet: multi-view loading, CIFAR / ImageNet transforms and data sets
 
-Importing this package patches timm's auto-augment posterize ops for Pillow >= 13
-(:func:`~timm_splitnet.data.transforms.patch_timm_posterize`).
+Importing this package changes nothing in timm (the posterize fix is applied to each transform built here).
+See docs/data.md.
 """
 from .dataset import FOLDER_LAYOUT, DigitsDataset, SkipBadSamples, create_dataset
 from .transforms import (
@@ -16,10 +16,10 @@ from .transforms import (
     create_eval_transform,
     create_random_erasing,
     create_train_transform,
-    patch_timm_posterize,
     posterize_safe,
     transforms_cifar_eval,
     transforms_cifar_train,
+    use_safe_posterize,
 )
 from .views import (
     MultiViewDataset,

@@ -1,12 +1,7 @@
-""" Dataset factory: timm's datasets, scikit-learn's digits, clear errors and skipping of unreadable images
+""" Dataset factory: timm's datasets plus scikit-learn's digits, clear errors and skipping of unreadable images
 
-:func:`create_dataset` delegates to ``timm.data.create_dataset`` and adds:
-    * ``'sklearn/digits'``: scikit-learn's bundled 8x8 digits (1797 real images, 10 classes) as 32x32 RGB PIL
-      images with a fixed stratified 80/20 train / validation split; the CPU demo data set (no download).
-    * ``FileNotFoundError`` naming the path and the expected layout when a folder data set's root or split folder
-      is missing or holds no images (timm fails with a bare ``AssertionError`` or silently mixes splits).
-    * :class:`SkipBadSamples` around folder / tar data sets: an image that cannot be decoded is replaced by the next
-      good sample with one warning naming the file, and too many bad files stop the run with an error naming them.
+:func:`create_dataset` wraps ``timm.data.create_dataset``; ``'sklearn/digits'`` is the CPU demo data set
+(:class:`DigitsDataset`) and :class:`SkipBadSamples` replaces undecodable images. See docs/data.md.
 """
 import logging
 import os

@@ -1,27 +1,18 @@
 """ Train / eval transforms for SplitNet recipes
 
-Two pipelines, chosen by ``train_crop_mode``:
-    * ``'pad'``: the CIFAR recipe of the paper, ``RandomCrop(32, padding=4)`` + horizontal flip + optional
-      auto-augment, then ``ToTensor`` + ``Normalize`` + ``RandomErasing`` (value 0 after normalization, i.e. the mean
-      pixel), or a uint8 tensor when timm's prefetcher normalizes and erases on the device.
-    * anything else (None, 'rrc', 'rkrc', 'rkrr'): timm's standard ImageNet pipeline (``timm.data.create_transform``).
-
-Auto-augment strings are timm's ``--aa`` strings (``rand-m9-mstd0.5-inc1``, ``augmix-m5-w4-d2``, ``original``,
-``v0``, ...) or ``'cifar10'`` / ``'svhn'`` for torchvision's AutoAugment policies (the reference uses the CIFAR-10
-policy for CIFAR).
-
-Importing this module also applies :func:`patch_timm_posterize` (see there): timm's posterize ops crash under
-Pillow >= 13 whenever they ask for 0 bits.
+`create_train_transform` / `create_eval_transform`: the paper's CIFAR pipeline (``train_crop_mode='pad'``) or timm's
+ImageNet pipeline, with timm ``--aa`` strings or torchvision's 'cifar10' / 'svhn' AutoAugment policies. Every
+auto-augment built here posterizes with :func:`posterize_safe` (Pillow >= 13 rejects 0 bits); timm's global op table
+is left untouched. See docs/data.md.
 """
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image, ImageOps
 from torchvision import transforms
 
 from timm.data import create_transform
-from timm.data import auto_augment as timm_auto_augment
-from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+from timm.data.auto_augment import AugmentOp, augment_and_mix_transform, auto_augment_transform, rand_augment_transform
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import MaybePILToTensor, str_to_pil_interp
 
@@ -29,7 +20,7 @@ __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD', 'CIFAR_RE_SCALE', 'CIFAR_RE_RATIO',
     'TV_AUTO_AUGMENT_POLICIES', 'create_auto_augment', 'create_random_erasing', 'transforms_cifar_train',
     'transforms_cifar_eval', 'create_train_transform', 'create_eval_transform', 'posterize_safe',
-    'patch_timm_posterize',
+    'use_safe_posterize',
 ]
 
 # normalization constants of the reference implementation
@@ -64,34 +55,38 @@ def posterize_safe(img: Image.Image, bits_to_keep: int, **__) -> Image.Image:
     return img.point([0] * 256 * len(img.getbands()))
 
 
-def patch_timm_posterize() -> bool:
-    """Make timm's auto-augment posterize ops accept 0 bits (crash under Pillow >= 13).
+# timm's posterize ops (names in `timm.data.auto_augment.NAME_TO_OP`)
+POSTERIZE_OPS = ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal')
 
-    Cause: in ``timm/data/auto_augment.py`` (identical in 1.0.29 and 1.0.31) ``_posterize_increasing_level_to_arg``
-    returns ``4 - int(magnitude / 10 * 4)`` bits, i.e. 0 bits at magnitude 10, and ``AugmentOp`` clamps a sampled
-    magnitude to [0, 10]. With ``rand-m9-mstd0.5-inc1`` the magnitude is ``N(9, 0.5)``, so about 2.3% of the
-    'PosterizeIncreasing' calls get magnitude 10 and ask ``ImageOps.posterize`` for 0 bits, which Pillow 13 rejects
-    (``ValueError: bits must be between or equal to 1 and 8``; earlier Pillow returned a black image). Measured:
-    0.15-0.2% of the transformed images, i.e. 0.3-0.4% of the samples with two views; one crash ends a run.
-    ``_posterize_level_to_arg`` ('Posterize', used by ``rand-*`` without ``inc1`` and the ``v0`` policies) gives 0
-    bits for magnitudes below 2.5 in the same way (``v0`` fails on about 3% of images).
 
-    Fix: replace the three posterize entries of ``timm.data.auto_augment.NAME_TO_OP`` with :func:`posterize_safe`,
-    which restores the pre-Pillow-13 result. ``AugmentOp`` looks its function up when it is constructed, so this
-    must run before the transforms are built; it runs when ``timm_splitnet.data`` is imported. Idempotent.
+def use_safe_posterize(transform: Any) -> Any:
+    """Make the posterize ops inside ``transform`` use :func:`posterize_safe`; returns ``transform``.
 
-    Returns:
-        True if an entry was replaced by this call.
+    timm's posterize ops ask Pillow for 0 bits at some magnitudes ('PosterizeIncreasing' at the clamped magnitude 10,
+    e.g. ~2.3% of its calls with ``rand-m9-mstd0.5-inc1``; 'Posterize' below magnitude 2.5), which Pillow >= 13
+    rejects with a ValueError that ends the run. Only the ``AugmentOp`` instances of this transform are changed
+    (each op holds its own function, looked up when it was built), never timm's ``NAME_TO_OP``. Walks
+    ``Compose.transforms``, ``RandAugment.ops``, ``AugMixAugment.ops``, ``AutoAugment.policy`` and lists / tuples.
     """
-    patched = False
-    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
-        if timm_auto_augment.NAME_TO_OP.get(name, posterize_safe) is not posterize_safe:
-            timm_auto_augment.NAME_TO_OP[name] = posterize_safe
-            patched = True
-    return patched
+    seen = set()
 
+    def visit(t: Any) -> None:
+        if id(t) in seen:
+            return
+        seen.add(id(t))
+        if isinstance(t, AugmentOp):
+            if t.name in POSTERIZE_OPS:
+                t.aug_fn = posterize_safe
+            return
+        if isinstance(t, (list, tuple)):
+            children = t
+        else:
+            children = [getattr(t, attr) for attr in ('transforms', 'ops', 'policy') if hasattr(t, attr)]
+        for child in children:
+            visit(child)
 
-patch_timm_posterize()
+    visit(transform)
+    return transform
 
 
 def _to_size(input_size: Size) -> Tuple[int, int]:
@@ -122,11 +117,11 @@ def create_auto_augment(
     if interpolation and interpolation != 'random':
         aa_params['interpolation'] = str_to_pil_interp(interpolation)
     if auto_augment.startswith('rand'):
-        return rand_augment_transform(auto_augment, aa_params)
+        return use_safe_posterize(rand_augment_transform(auto_augment, aa_params))
     if auto_augment.startswith('augmix'):
         aa_params['translate_pct'] = 0.3
-        return augment_and_mix_transform(auto_augment, aa_params)
-    return auto_augment_transform(auto_augment, aa_params)
+        return use_safe_posterize(augment_and_mix_transform(auto_augment, aa_params))
+    return use_safe_posterize(auto_augment_transform(auto_augment, aa_params))
 
 
 def create_random_erasing(
@@ -285,7 +280,7 @@ def create_train_transform(
         **kwargs,
     )
     if auto_augment not in TV_AUTO_AUGMENT_POLICIES:
-        return create_transform(input_size, auto_augment=auto_augment, **timm_kwargs)
+        return use_safe_posterize(create_transform(input_size, auto_augment=auto_augment, **timm_kwargs))
     # torchvision policy: insert it between timm's crop/flip and its tensor conversion; color jitter off, as timm
     # does when auto-augment is on
     timm_kwargs['color_jitter'] = None

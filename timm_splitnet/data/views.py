@@ -1,11 +1,7 @@
 """ Multi-view data for SplitNet co-training
 
-Each of the S members of a SplitNet trains on its own, independently augmented view of every image (paper §3.3).
-:class:`MultiViewDataset` produces the views; timm's ``fast_collate`` (prefetcher) or :func:`collate_views` (no
-prefetcher) stack them split-major into one ``[S * B, C, H, W]`` batch, row ``i + s * B`` being view s of sample i,
-so ``torch.split(x, B)`` / ``x.view(S, B, C, H, W)`` gives the members' inputs. Mixup / CutMix must treat all views
-of a sample alike (one lambda, one partner, one box): :func:`mixup_views` applies a timm ``Mixup`` once to the
-channel-concatenated ``[B, S * C, H, W]`` layout, as the reference implementation does.
+:class:`MultiViewDataset` gives each of the S members its own augmented view of every image (paper §3.3); batches are
+stacked split-major ``[S * B, C, H, W]``, and :func:`mixup_views` mixes all views of a sample alike. See docs/data.md.
 """
 from typing import Any, Callable, List, Optional, Tuple
 

@@ -1,15 +1,7 @@
-""" Shared pieces of the CIFAR backbones
+""" Shared pieces of the CIFAR member backbones
 
-`CifarBackbone` is the timm classifier-model API of the CIFAR models (`cifar_resnet`, `cifar_densenet`,
-`cifar_pyramidnet`, `cifar_shake_shake`), which all end in global pooling -> dropout (`head_drop`) -> classifier:
-head construction, `get_classifier`, `reset_classifier`, `forward_head`, `forward` and the `grad_checkpointing`
-switch. Each model still declares its own layers, `forward_features`, `group_matcher` and `init_weights`; the
-classifier keeps the module name the model gives it in `classifier_attr` ('fc' or 'classifier'), so state-dict keys
-are those of the model.
-
-`init_weights_cifar` is the weight init the CIFAR models share, `cifar_cfg` their pretrained cfg (CIFAR-100, 32x32
-inputs, 8x8 final maps) and `reset_classifier_head` the `reset_classifier` body; the table-driven EfficientNets use
-the last two as well.
+`CifarBackbone` (the timm classifier API: head, `get_classifier`, `reset_classifier`, `forward_head`, `forward`),
+`init_weights_cifar`, `cifar_cfg` (CIFAR-100, 32x32 inputs) and `reset_classifier_head`. See docs/models.md.
 """
 from typing import Any, Dict, Optional
 

@@ -1,10 +1,7 @@
-""" CIFAR DenseNet-BC
+""" CIFAR DenseNet-BC member backbone
 
-DenseNet-BC for 32x32 inputs as used in the SplitNet CIFAR experiments: a 3x3 stride-1 stem conv with 2k channels
-followed by BN-ReLU, three dense blocks of bottleneck layers (BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k)) separated by
-compressing transitions (BN-ReLU-conv1x1-AvgPool2d(2)), a final BN-ReLU, global pooling and the classifier.
-The dense layers and transitions are timm's (`timm.models.densenet`). SplitNet divides the growth rate k
-(40 / 28 / 20 for S = 1 / 2 / 4).
+DenseNet-BC-190 (k=40) for 32x32 inputs with timm's dense layers and transitions; SplitNet divides the growth rate k.
+See docs/models.md.
 
 Papers:
 * `Densely Connected Convolutional Networks` - https://arxiv.org/abs/1608.06993

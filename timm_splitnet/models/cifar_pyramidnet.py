@@ -1,17 +1,7 @@
-""" CIFAR PyramidNet with ShakeDrop
+""" CIFAR PyramidNet with ShakeDrop member backbone
 
-Bottleneck PyramidNet for 32x32 inputs (additive widening: every block adds alpha / (3n) channels to the bottleneck
-width, starting from 16) with ShakeDrop regularization on every residual branch, as used in the SplitNet CIFAR
-experiments (PyramidNet-272, alpha 200, final ShakeDrop probability 0.5). SplitNet divides alpha and the ShakeDrop
-probability by sqrt(S) and keeps the base width 16.
-
-Block: BN - conv1x1 - BN - ReLU - conv3x3(stride) - BN - ReLU - conv1x1(4x) - BN - ShakeDrop, added to a shortcut that
-is the identity, or AvgPool2d(2) for stride 2, zero-padded to the wider output channels.
-
-ShakeDrop (training): one Bernoulli gate b ~ B(1 - p_l) per batch; with b = 1 the branch passes unchanged, with b = 0
-it is scaled by alpha ~ U[-1, 1] in the forward pass and its gradient by beta ~ U[0, 1] in the backward pass (alpha and
-beta drawn per sample). At inference the branch is scaled by E[b + alpha - b * alpha] = 1 - p_l. The probability grows
-linearly with depth, p_l = p * l / L for block l = 1..L.
+Bottleneck PyramidNet-272 (alpha 200) for 32x32 inputs with ShakeDrop on every residual branch; SplitNet divides
+alpha and the ShakeDrop probability by sqrt(S). See docs/models.md.
 
 Papers:
 * `Deep Pyramidal Residual Networks` - https://arxiv.org/abs/1610.02915
@@ -28,6 +18,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
 from timm.models._manipulate import checkpoint_seq
 
+from ._backends import register_per_member_module
 from ._cifar_common import CifarBackbone, cifar_cfg, init_weights_cifar
 
 __all__ = ['CifarPyramidNet', 'PyramidBottleneck', 'ShakeDrop', 'shake_drop']  # + entrypoints (model registry)
@@ -75,6 +66,7 @@ def shake_drop(
     return _ShakeDropFunction.apply(x, gate, alpha, beta)
 
 
+@register_per_member_module
 class ShakeDrop(nn.Module):
     """ShakeDrop regularization of a residual branch (see `shake_drop`)."""
 

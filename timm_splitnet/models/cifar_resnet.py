@@ -1,14 +1,7 @@
-""" CIFAR ResNet, SE-ResNet, Wide ResNet and ResNeXt
+""" CIFAR ResNet, SE-ResNet, Wide ResNet and ResNeXt member backbones
 
-The 32x32-input residual networks of the SplitNet CIFAR experiments, as one timm-style model class: a 3x3 stride-1
-stem (conv-BN-ReLU), three stages with strides 1, 2, 2 (8x8 final maps on 32x32 inputs), post-activation blocks
-(timm's `BasicBlock` / `Bottleneck`, stride on the 3x3 conv) and an avg-pool projection shortcut
-(AvgPool2d(2) -> conv1x1 -> BN, or conv1x1 -> BN for a stride-1 channel change).
-
-One width knob per family is the value SplitNet divides (`timm_splitnet.division`):
-* ResNet-110/164, SE-ResNet-110/164: `stem_width` W, stage planes W*[1, 2, 4], outputs 4W*[1, 2, 4]
-* WRN-d-k: `widen_factor` k, stem 16, stage widths 16k*[1, 2, 4]
-* ResNeXt-29 8x64d: `cardinality` (groups of the 3x3 conv), stem 64, bottleneck width planes * cardinality
+The 32x32-input residual networks of the SplitNet CIFAR experiments as one timm-style model class, with one width
+knob per family that SplitNet divides (`stem_width`, `widen_factor` or `cardinality`). See docs/models.md.
 
 Papers:
 * `Deep Residual Learning for Image Recognition` - https://arxiv.org/abs/1512.03385

@@ -1,15 +1,7 @@
-""" CIFAR Shake-Shake ResNet
+""" CIFAR Shake-Shake ResNet member backbone
 
-Shake-Shake 26 2x96d for 32x32 inputs in the original (Gastaldi) layout: a 3x3 stem conv (3 -> 16, with bias) + BN,
-three stages of 4 residual blocks with channels [b, 2b, 4b] (strides 1, 2, 2), each block holding two branches
-ReLU - conv3x3(stride) - BN - ReLU - conv3x3 - BN mixed by Shake-Shake, then ReLU, global pooling and the classifier.
-Where the width or resolution changes the shortcut is ReLU -> two strided 1x1 convs to b/2 channels each (the second
-one on the input shifted by one pixel) -> concat -> BN.
-
-Shake-Shake-Image (training): y = a * x1 + (1 - a) * x2 in the forward pass and the branch gradients b * g and
-(1 - b) * g in the backward pass, with a and b drawn independently from U[0, 1] per sample; at inference a = 0.5.
-
-SplitNet divides the base width b (96 / 64 / 48 for S = 1 / 2 / 4) and keeps the 16-channel stem.
+Shake-Shake 26 2x96d for 32x32 inputs in the original (Gastaldi) layout; SplitNet divides the base width and keeps
+the 16-channel stem. See docs/models.md.
 
 Papers:
 * `Shake-Shake regularization` - https://arxiv.org/abs/1705.07485
@@ -25,6 +17,7 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
 from timm.models._manipulate import checkpoint_seq
 
+from ._backends import register_per_member_function
 from ._cifar_common import CifarBackbone, cifar_cfg, init_weights_cifar
 
 __all__ = ['CifarShakeShake', 'ShakeShakeBlock', 'shake_shake']  # model_registry will add each entrypoint fn to this
@@ -50,6 +43,7 @@ class _ShakeShakeFunction(torch.autograd.Function):
         return beta * grad_output, (1. - beta) * grad_output, None, None
 
 
+@register_per_member_function
 def shake_shake(x1: torch.Tensor, x2: torch.Tensor, training: bool = False) -> torch.Tensor:
     """Shake-Shake-Image mixing of two branch outputs (per-sample forward and backward coefficients).
 

@@ -1,23 +1,20 @@
-""" SplitNet division rules
+""" SplitNet division rules (paper §3.1, Appendix A)
 
-How one wide network is divided into S narrower members of about the same total parameters and FLOPs
-(paper §3.1 and Appendix A, "SplitNet: Divide and Co-training", https://arxiv.org/abs/2011.14660).
-
-Everything the division depends on lives in this file: the per-family tables and formulas, and `SPLIT_ARCHS`,
-which maps every SplitNet architecture to the timm model of one member and the keyword arguments that divide it.
-`member_kwargs(arch, S)` is the single entry point used by the model factory.
+`SPLIT_ARCHS` maps every SplitNet architecture to the timm model of one member and the rule that divides it into S
+narrower members; `member_kwargs(arch, S)` gives one member's `timm.create_model` kwargs. See docs/models.md.
 
 Hacked together by the timm-splitnet authors
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Dict, Optional, Tuple
 
 __all__ = [
     'CIFAR_RESNET_STEM_WIDTH', 'IMAGENET_RESNET_STEM_WIDTH', 'EFFICIENTNET_CHANNELS', 'EFFICIENTNET_DIVISOR',
     'SHAKE_SHAKE_BASE_WIDTH', 'WD_DIVIDE_MODES', 'SplitArch', 'SPLIT_ARCHS', 'wrn_widen_factor', 'resnext_cardinality',
     'densenet_growth_rate', 'pyramidnet_alpha', 'shakedrop_prob', 'divide_drop_rate', 'divide_weight_decay',
-    'get_split_arch', 'member_kwargs', 'supported_split_factors',
+    'get_split_arch', 'member_kwargs', 'supported_split_factors', 'WRN50_STEM_WIDTH', 'MemberKwargs', 'DivisionRule',
 ]
 
 # ResNet / SE-ResNet on CIFAR: width W of the stem and of the first stage (stages are W*[1, 2, 4]), Appendix A.
@@ -43,6 +40,10 @@ SHAKE_SHAKE_BASE_WIDTH = {1: 96, 2: 64, 4: 48, 8: 32, 16: 24}
 WRN50_STEM_WIDTH = {1: 64, 2: 64, 4: 32}
 
 WD_DIVIDE_MODES = ('none', 'exp', 'linear')
+
+MemberKwargs = Dict[str, Any]
+# a division rule: S -> the `timm.create_model` kwargs of one member
+DivisionRule = Callable[[int], MemberKwargs]
 
 
 def wrn_widen_factor(widen_factor: float, split_factor: int) -> int:
@@ -107,7 +108,7 @@ class SplitArch:
     """
     name: str
     member: str
-    divide: Callable[[int], Dict[str, Any]]
+    divide: DivisionRule
     split_factors: Optional[Tuple[int, ...]] = None
     dataset: str = 'cifar'
     drop_rate: float = 0.
@@ -115,99 +116,144 @@ class SplitArch:
     description: str = ''
 
 
-def _imagenet_resnet(split_factor: int) -> Dict[str, Any]:
-    w = IMAGENET_RESNET_STEM_WIDTH[split_factor]
-    return dict(stem_type='deep', stem_width=w, avg_down=True, channels=(w, 2 * w, 4 * w, 8 * w))
+def _divide_imagenet_resnet(split_factor: int) -> MemberKwargs:
+    """ImageNet ResNet-50/101: deep stem and stage widths from `IMAGENET_RESNET_STEM_WIDTH`."""
+    width = IMAGENET_RESNET_STEM_WIDTH[split_factor]
+    return dict(stem_type='deep', stem_width=width, avg_down=True, channels=(width, 2 * width, 4 * width, 8 * width))
 
 
-def _imagenet_wrn50(widen_factor: int) -> Callable[[int], Dict[str, Any]]:
-    def divide(split_factor: int) -> Dict[str, Any]:
-        w = WRN50_STEM_WIDTH[split_factor]
-        k = wrn_widen_factor(widen_factor, split_factor) if split_factor == 2 else widen_factor
-        return dict(
-            stem_type='deep', stem_width=w, avg_down=True, channels=(w, 2 * w, 4 * w, 8 * w), base_width=64 * k)
-    return divide
+def _divide_imagenet_wrn50(split_factor: int, widen_factor: int) -> MemberKwargs:
+    """ImageNet WRN-50-k: S=2 divides the widen factor (eq. 11), S=4 halves the stem and stage widths."""
+    width = WRN50_STEM_WIDTH[split_factor]
+    k = wrn_widen_factor(widen_factor, split_factor) if split_factor == 2 else widen_factor
+    return dict(
+        stem_type='deep', stem_width=width, avg_down=True, channels=(width, 2 * width, 4 * width, 8 * width),
+        base_width=64 * k)
 
 
-def _imagenet_resnext(cardinality: int) -> Callable[[int], Dict[str, Any]]:
-    def divide(split_factor: int) -> Dict[str, Any]:
-        return dict(
-            stem_type='deep', stem_width=64, avg_down=True, cardinality=resnext_cardinality(cardinality, split_factor))
-    return divide
+def _divide_imagenet_resnext(split_factor: int, cardinality: int) -> MemberKwargs:
+    """ImageNet ResNeXt with the paper's deep stem: the cardinality is divided (eq. 12)."""
+    return dict(
+        stem_type='deep', stem_width=64, avg_down=True, cardinality=resnext_cardinality(cardinality, split_factor))
 
 
-def _efficientnet(split_factor: int) -> Dict[str, Any]:
+def _divide_resnext_cardinality(split_factor: int, cardinality: int) -> MemberKwargs:
+    """ResNeXt whose member model fixes its stem: only the cardinality is divided (eq. 12)."""
+    return dict(cardinality=resnext_cardinality(cardinality, split_factor))
+
+
+def _divide_efficientnet_channels(split_factor: int) -> MemberKwargs:
+    """EfficientNet: the channel table and rounding divisor of `EFFICIENTNET_CHANNELS` / `EFFICIENTNET_DIVISOR`."""
     return dict(
         stage_channels=EFFICIENTNET_CHANNELS[split_factor], channel_divisor=EFFICIENTNET_DIVISOR[split_factor])
 
 
-def _cifar_resnet(split_factor: int) -> Dict[str, Any]:
+def _divide_cifar_resnet_width(split_factor: int) -> MemberKwargs:
+    """CIFAR (SE-)ResNet-110/164: the stem width W from `CIFAR_RESNET_STEM_WIDTH` (stages W*[1, 2, 4])."""
     return dict(stem_width=CIFAR_RESNET_STEM_WIDTH[split_factor])
 
 
-def _cifar_wrn(widen_factor: int) -> Callable[[int], Dict[str, Any]]:
-    def divide(split_factor: int) -> Dict[str, Any]:
-        return dict(widen_factor=wrn_widen_factor(widen_factor, split_factor))
-    return divide
+def _divide_cifar_wrn(split_factor: int, widen_factor: int) -> MemberKwargs:
+    """CIFAR WRN-d-k: the widen factor k is divided (eq. 11)."""
+    return dict(widen_factor=wrn_widen_factor(widen_factor, split_factor))
 
 
-def _resnext(cardinality: int) -> Callable[[int], Dict[str, Any]]:
-    def divide(split_factor: int) -> Dict[str, Any]:
-        return dict(cardinality=resnext_cardinality(cardinality, split_factor))
-    return divide
-
-
-def _cifar_densenet(split_factor: int) -> Dict[str, Any]:
+def _divide_cifar_densenet_bc190(split_factor: int) -> MemberKwargs:
+    """CIFAR DenseNet-BC-190: the growth rate 40 is divided (eq. 13)."""
     return dict(growth_rate=densenet_growth_rate(40, split_factor))
 
 
-def _cifar_pyramidnet(split_factor: int) -> Dict[str, Any]:
+def _divide_cifar_pyramidnet272(split_factor: int) -> MemberKwargs:
+    """CIFAR PyramidNet-272: alpha 200 (eq. 14) and the final ShakeDrop probability 0.5 (eq. 15) are divided."""
     return dict(alpha=pyramidnet_alpha(200., split_factor), shakedrop_prob=shakedrop_prob(0.5, split_factor))
 
 
-def _cifar_shake_shake(split_factor: int) -> Dict[str, Any]:
+def _divide_cifar_shake_shake(split_factor: int) -> MemberKwargs:
+    """CIFAR Shake-Shake 26 2x96d: the base width from `SHAKE_SHAKE_BASE_WIDTH`."""
     return dict(base_width=SHAKE_SHAKE_BASE_WIDTH[split_factor])
 
 
-_RESNET_S = tuple(sorted(IMAGENET_RESNET_STEM_WIDTH))
-_CIFAR_RESNET_S = tuple(sorted(CIFAR_RESNET_STEM_WIDTH))
-_EFFNET_S = tuple(sorted(EFFICIENTNET_CHANNELS))
+# the S values each table defines
+_IMAGENET_RESNET_SPLIT_FACTORS = tuple(sorted(IMAGENET_RESNET_STEM_WIDTH))
+_IMAGENET_WRN50_SPLIT_FACTORS = tuple(sorted(WRN50_STEM_WIDTH))
+_CIFAR_RESNET_SPLIT_FACTORS = tuple(sorted(CIFAR_RESNET_STEM_WIDTH))
+_EFFICIENTNET_SPLIT_FACTORS = tuple(sorted(EFFICIENTNET_CHANNELS))
+_SHAKE_SHAKE_SPLIT_FACTORS = tuple(sorted(SHAKE_SHAKE_BASE_WIDTH))
 
 SPLIT_ARCHS: Dict[str, SplitArch] = {a.name: a for a in (
-    # ImageNet, members built from timm's ResNet with the paper's tweaks (deep 3x3 stem, avg-pool downsample,
-    # zero-init last BN) and timm's EfficientNet with the Appendix A channel tables.
-    SplitArch('resnet50', 'resnet50', _imagenet_resnet, _RESNET_S, 'imagenet', 0., 'conv1.0', 'ResNet-50'),
-    SplitArch('resnet101', 'resnet101', _imagenet_resnet, _RESNET_S, 'imagenet', 0.1, 'conv1.0', 'ResNet-101'),
-    SplitArch('wrn50_2', 'wide_resnet50_2', _imagenet_wrn50(2), (1, 2, 4), 'imagenet', 0., 'conv1.0', 'WRN-50-2'),
-    SplitArch('wrn50_3', 'wide_resnet50_2', _imagenet_wrn50(3), (1, 2, 4), 'imagenet', 0., 'conv1.0', 'WRN-50-3'),
+    # ImageNet: members built from timm's ResNet with the paper's tweaks (deep 3x3 stem, avg-pool downsample,
+    # zero-init last BN) and from this package's table-driven EfficientNet
     SplitArch(
-        'resnext101_64x4d', 'resnext101_64x4d', _imagenet_resnext(64), None, 'imagenet', 0., 'conv1.0',
-        'ResNeXt-101 64x4d'),
+        name='resnet50', member='resnet50', divide=_divide_imagenet_resnet,
+        split_factors=_IMAGENET_RESNET_SPLIT_FACTORS, dataset='imagenet', drop_rate=0., first_conv='conv1.0',
+        description='ResNet-50'),
     SplitArch(
-        'seresnext101_64x4d', 'seresnext101_64x4d_splitnet', _resnext(64), None, 'imagenet', 0.2, 'conv1.0',
-        'SE-ResNeXt-101 64x4d (64-64-64 stem)'),
+        name='resnet101', member='resnet101', divide=_divide_imagenet_resnet,
+        split_factors=_IMAGENET_RESNET_SPLIT_FACTORS, dataset='imagenet', drop_rate=0.1, first_conv='conv1.0',
+        description='ResNet-101'),
     SplitArch(
-        'efficientnet_b7', 'efficientnet_b7_splitnet', _efficientnet, _EFFNET_S, 'imagenet', 0.5, None,
-        'EfficientNet-B7'),
-    # CIFAR, members are this package's timm-style CIFAR models (timm_splitnet.models)
-    SplitArch('resnet110', 'resnet110_cifar', _cifar_resnet, _CIFAR_RESNET_S, description='ResNet-110'),
-    SplitArch('resnet164', 'resnet164_cifar', _cifar_resnet, _CIFAR_RESNET_S, description='ResNet-164'),
-    SplitArch('seresnet110', 'seresnet110_cifar', _cifar_resnet, _CIFAR_RESNET_S, description='SE-ResNet-110'),
-    SplitArch('seresnet164', 'seresnet164_cifar', _cifar_resnet, _CIFAR_RESNET_S, description='SE-ResNet-164'),
-    SplitArch('wrn16_8', 'wrn16_8_cifar', _cifar_wrn(8), description='WRN-16-8'),
-    SplitArch('wrn28_10', 'wrn28_10_cifar', _cifar_wrn(10), description='WRN-28-10'),
-    SplitArch('wrn40_10', 'wrn40_10_cifar', _cifar_wrn(10), drop_rate=0.1, description='WRN-40-10'),
-    SplitArch('resnext29_8x64d', 'resnext29_8x64d_cifar', _resnext(8), description='ResNeXt-29 8x64d'),
-    SplitArch('densenet_bc190', 'densenet_bc190_cifar', _cifar_densenet, description='DenseNet-BC-190 (k=40)'),
-    SplitArch('pyramidnet272', 'pyramidnet272_cifar', _cifar_pyramidnet, description='PyramidNet-272 + ShakeDrop'),
+        name='wrn50_2', member='wide_resnet50_2', divide=partial(_divide_imagenet_wrn50, widen_factor=2),
+        split_factors=_IMAGENET_WRN50_SPLIT_FACTORS, dataset='imagenet', drop_rate=0., first_conv='conv1.0',
+        description='WRN-50-2'),
     SplitArch(
-        'shake_shake26_2x96d', 'shake_shake26_2x96d_cifar', _cifar_shake_shake, tuple(sorted(SHAKE_SHAKE_BASE_WIDTH)),
-        description='Shake-Shake 26 2x96d'),
+        name='wrn50_3', member='wide_resnet50_2', divide=partial(_divide_imagenet_wrn50, widen_factor=3),
+        split_factors=_IMAGENET_WRN50_SPLIT_FACTORS, dataset='imagenet', drop_rate=0., first_conv='conv1.0',
+        description='WRN-50-3'),
     SplitArch(
-        'efficientnet_b0_cifar', 'efficientnet_b0_cifar', _efficientnet, _EFFNET_S, drop_rate=0.2,
+        name='resnext101_64x4d', member='resnext101_64x4d', divide=partial(_divide_imagenet_resnext, cardinality=64),
+        split_factors=None, dataset='imagenet', drop_rate=0., first_conv='conv1.0',
+        description='ResNeXt-101 64x4d'),
+    SplitArch(
+        name='seresnext101_64x4d', member='seresnext101_64x4d_splitnet',
+        divide=partial(_divide_resnext_cardinality, cardinality=64),
+        split_factors=None, dataset='imagenet', drop_rate=0.2, first_conv='conv1.0',
+        description='SE-ResNeXt-101 64x4d (64-64-64 stem)'),
+    SplitArch(
+        name='efficientnet_b7', member='efficientnet_b7_splitnet', divide=_divide_efficientnet_channels,
+        split_factors=_EFFICIENTNET_SPLIT_FACTORS, dataset='imagenet', drop_rate=0.5, first_conv=None,
+        description='EfficientNet-B7'),
+    # CIFAR: members are this package's timm-style CIFAR models (timm_splitnet.models.cifar_*)
+    SplitArch(
+        name='resnet110', member='resnet110_cifar', divide=_divide_cifar_resnet_width,
+        split_factors=_CIFAR_RESNET_SPLIT_FACTORS, dataset='cifar', description='ResNet-110'),
+    SplitArch(
+        name='resnet164', member='resnet164_cifar', divide=_divide_cifar_resnet_width,
+        split_factors=_CIFAR_RESNET_SPLIT_FACTORS, dataset='cifar', description='ResNet-164'),
+    SplitArch(
+        name='seresnet110', member='seresnet110_cifar', divide=_divide_cifar_resnet_width,
+        split_factors=_CIFAR_RESNET_SPLIT_FACTORS, dataset='cifar', description='SE-ResNet-110'),
+    SplitArch(
+        name='seresnet164', member='seresnet164_cifar', divide=_divide_cifar_resnet_width,
+        split_factors=_CIFAR_RESNET_SPLIT_FACTORS, dataset='cifar', description='SE-ResNet-164'),
+    SplitArch(
+        name='wrn16_8', member='wrn16_8_cifar', divide=partial(_divide_cifar_wrn, widen_factor=8),
+        split_factors=None, dataset='cifar', description='WRN-16-8'),
+    SplitArch(
+        name='wrn28_10', member='wrn28_10_cifar', divide=partial(_divide_cifar_wrn, widen_factor=10),
+        split_factors=None, dataset='cifar', description='WRN-28-10'),
+    SplitArch(
+        name='wrn40_10', member='wrn40_10_cifar', divide=partial(_divide_cifar_wrn, widen_factor=10),
+        split_factors=None, dataset='cifar', drop_rate=0.1, description='WRN-40-10'),
+    SplitArch(
+        name='resnext29_8x64d', member='resnext29_8x64d_cifar',
+        divide=partial(_divide_resnext_cardinality, cardinality=8),
+        split_factors=None, dataset='cifar', description='ResNeXt-29 8x64d'),
+    SplitArch(
+        name='densenet_bc190', member='densenet_bc190_cifar', divide=_divide_cifar_densenet_bc190,
+        split_factors=None, dataset='cifar', description='DenseNet-BC-190 (k=40)'),
+    SplitArch(
+        name='pyramidnet272', member='pyramidnet272_cifar', divide=_divide_cifar_pyramidnet272,
+        split_factors=None, dataset='cifar', description='PyramidNet-272 + ShakeDrop'),
+    SplitArch(
+        name='shake_shake26_2x96d', member='shake_shake26_2x96d_cifar', divide=_divide_cifar_shake_shake,
+        split_factors=_SHAKE_SHAKE_SPLIT_FACTORS, dataset='cifar', description='Shake-Shake 26 2x96d'),
+    SplitArch(
+        name='efficientnet_b0_cifar', member='efficientnet_b0_cifar', divide=_divide_efficientnet_channels,
+        split_factors=_EFFICIENTNET_SPLIT_FACTORS, dataset='cifar', drop_rate=0.2,
         description='EfficientNet-B0 (CIFAR strides)'),
     SplitArch(
-        'efficientnet_b3_cifar', 'efficientnet_b3_cifar', _efficientnet, _EFFNET_S, drop_rate=0.3,
+        name='efficientnet_b3_cifar', member='efficientnet_b3_cifar', divide=_divide_efficientnet_channels,
+        split_factors=_EFFICIENTNET_SPLIT_FACTORS, dataset='cifar', drop_rate=0.3,
         description='EfficientNet-B3 (CIFAR strides)'),
 )}
 
@@ -224,7 +270,7 @@ def supported_split_factors(arch: str) -> Optional[Tuple[int, ...]]:
     return get_split_arch(arch).split_factors
 
 
-def member_kwargs(arch: str, split_factor: int) -> Dict[str, Any]:
+def member_kwargs(arch: str, split_factor: int) -> MemberKwargs:
     """The `timm.create_model` kwargs of one member of `arch` divided by `split_factor`.
 
     Raises:

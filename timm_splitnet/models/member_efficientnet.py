@@ -1,20 +1,9 @@
-""" EfficientNets with SplitNet channel tables
+""" EfficientNet member backbones with a channel table (plain timm models, not SplitNets)
 
-EfficientNet-B0 / B3 for CIFAR and B7 for ImageNet whose channels come from a table [stem, 7 stage outputs, head]
-instead of the fixed B0 widths, so that SplitNet can give each member the divided table of the paper's Appendix A:
-
-    S=1: [32, 16, 24, 40, 80, 112, 192, 320, 1280] (channel divisor 8)
-    S=2: [24, 12, 16, 24, 56, 80, 136, 224, 920]   (channel divisor 4)
-    S=4: [16, 12, 16, 20, 40, 56, 96, 160, 640]    (channel divisor 4)
-
-The table is multiplied by the variant's width multiplier and rounded to the channel divisor (timm's
-`round_channels`), the B0 repeats by the depth multiplier (ceil); expansion ratios, kernel sizes and SE (0.25 of the
-block input) are the standard B0 ones. The network is timm's `EfficientNet`, so weights, features and optimizer
-helpers behave as for timm's own `efficientnet_*` models. With the default table `efficientnet_b7_splitnet` has exactly
-the parameters of timm's `efficientnet_b7`.
-
-The CIFAR variants use stride 1 in the stem and in the stages with 40 and 192 channels (the paper's "stage 4 & 7",
-counting the stem as stage 1), which gives 8x8 final maps on 32x32 inputs.
+`efficientnet_b0_cifar`, `efficientnet_b3_cifar` and `efficientnet_b7_splitnet`: timm's `EfficientNet` whose widths
+come from a table [stem, 7 stage outputs, head], so that a SplitNet member can take the divided table of the paper's
+Appendix A (`division.EFFICIENTNET_CHANNELS`). The CIFAR variants use stride 1 in the stem and two stages. See
+docs/models.md.
 
 Papers:
 * `EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks` - https://arxiv.org/abs/1905.11946

@@ -1,9 +1,9 @@
-""" ImageNet ResNets of the SplitNet paper that timm's ResNet kwargs cannot express
+""" ImageNet ResNet member backbones that timm's ResNet kwargs cannot express (plain timm models, not SplitNets)
 
-SE-ResNeXt-101 64x4d as in "SplitNet: Divide and Co-training" (https://arxiv.org/abs/2011.14660), after the
-SENet of Cadene's pretrained-models: a deep 3x3 stem whose three convs are all `stem_width` wide (64-64-64; timm's
-'deep' stem ends at twice the width), average-pool projection shortcuts and SE (reduction 16) after the last BN.
-Built with timm's `ResNet`, so everything else (blocks, init, API) is timm's.
+`seresnext101_64x4d_splitnet`: SE-ResNeXt-101 64x4d with a 64-64-64 deep stem, avg-pool shortcuts and SE after the
+last BN, built with timm's `ResNet`. See docs/models.md.
+
+Paper: `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
 
 Hacked together by the timm-splitnet authors
 """

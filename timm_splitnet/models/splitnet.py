@@ -1,18 +1,14 @@
 """ SplitNet: S width-divided member networks in one timm classifier
 
-Paper: "SplitNet: Divide and Co-training" (Zhao et al.), https://arxiv.org/abs/2011.14660
+`SplitNet` holds S members built by `timm.create_model` with the kwargs of `division.member_kwargs`: member logits
+[S, B, C] in train mode, their ensemble [B, C] in eval mode. `create_splitnet(arch, S)` builds any S the division
+rule defines; the registered `splitnet_<arch>_s<S>` entrypoints are in `splitnet_entrypoints.py`. See docs/models.md.
 
-`SplitNet` wraps S members built by `timm.create_model` with the divided kwargs of `timm_splitnet.division`.
-In train mode it returns the member logits [S, B, C] (each member sees its own view of the batch when the input has
-S * in_chans channels); in eval mode it returns the ensemble [B, C], by default the mean of the logits (eq. 10).
-
-Importing this module registers `splitnet_<arch>_s<S>` for S in (1, 2, 4) in timm's model registry;
-`create_splitnet(arch, S)` builds any other S that the architecture's division rule defines.
+Paper: `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
 
 Hacked together by the timm-splitnet authors
 """
 import os
-import sys
 from typing import Any, Dict, Iterable, List, Optional, Set
 
 import torch
@@ -20,13 +16,15 @@ import torch.nn as nn
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg
 
-from .division import SPLIT_ARCHS, divide_drop_rate, get_split_arch, member_kwargs
+from ._backends import resolve_backend
+from .division import divide_drop_rate, get_split_arch, member_kwargs
 
-__all__ = ['SplitNet', 'create_splitnet', 'splitnet_name', 'ENSEMBLE_MODES', 'REGISTERED_SPLIT_FACTORS']
+__all__ = ['SplitNet', 'create_splitnet', 'splitnet_cfg', 'splitnet_name', 'ENSEMBLE_MODES', 'REGISTERED_SPLIT_FACTORS']
 
 ENSEMBLE_MODES = ('mean', 'max')
+# the S of the registered `splitnet_<arch>_s<S>` entrypoints (splitnet_entrypoints.py)
 REGISTERED_SPLIT_FACTORS = (1, 2, 4)
 
 
@@ -55,7 +53,7 @@ class SplitNet(nn.Module):
         Args:
             member_name: timm model name of one member.
             split_factor: Number of members S.
-            member_kwargs: Divided kwargs of every member (`timm_splitnet.division.member_kwargs`).
+            member_kwargs: Divided kwargs of every member (`timm_splitnet.models.division.member_kwargs`).
             num_classes: Number of classes of every member.
             in_chans: Input channels of one view.
             global_pool: Global pool type of every member.
@@ -103,9 +101,12 @@ class SplitNet(nn.Module):
         self.ensemble_softmax = bool(ensemble_softmax)
 
     def set_split_backend(self, name: str = 'loop') -> None:
-        """Select how the members are executed; every backend gives the same outputs and gradients."""
-        from ..parallel.backends import resolve_backend
-        self.split_backend = resolve_backend(self, name)
+        """Select how the members are executed; every backend gives the same outputs and gradients.
+
+        Args:
+            name: A registered split backend: 'loop', 'packed', 'vmap', 'auto' (see docs/backends.md).
+        """
+        self.split_backend = resolve_backend(name, self.models)
 
     # ----- timm model API -----
 
@@ -165,7 +166,7 @@ class SplitNet(nn.Module):
 
     def forward_members(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of every member, [S, B, num_classes], in train and eval mode alike."""
-        return self.split_backend.forward_members(self, self.split_views(x))
+        return self.split_backend.forward_members(self.models, self.split_views(x))
 
     def combine(self, logits: torch.Tensor) -> torch.Tensor:
         """Ensemble member outputs [S, B, C] into [B, C] the configured way (eq. 10 by default)."""
@@ -253,7 +254,8 @@ def splitnet_name(arch: str, split_factor: int) -> str:
     return f'splitnet_{arch}_s{split_factor}'
 
 
-def _splitnet_cfg(arch: str, split_factor: int) -> Dict[str, Any]:
+def splitnet_cfg(arch: str, split_factor: int) -> Dict[str, Any]:
+    """Pretrained cfg of `arch` divided into `split_factor` members, derived from the member model's cfg."""
     spec = get_split_arch(arch)
     member_cfg = timm.models.get_pretrained_cfg(spec.member)
     if member_cfg is None:
@@ -296,7 +298,7 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
     """Build `arch` divided into `split_factor` members (any S its division rule defines).
 
     Args:
-        arch: Architecture name, e.g. 'wrn28_10' (see `timm_splitnet.division.SPLIT_ARCHS`).
+        arch: Architecture name, e.g. 'wrn28_10' (see `timm_splitnet.models.division.SPLIT_ARCHS`).
         split_factor: Number of members S.
         pretrained: Load weights from the pretrained cfg, e.g. `pretrained_cfg_overlay=dict(file='x.safetensors')`.
         **kwargs: `SplitNet` / `timm.create_model` kwargs (num_classes, in_chans, drop_rate, drop_path_rate, ...).
@@ -308,7 +310,7 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
     if pretrained_cfg is None and variant not in timm.list_models(variant):
-        pretrained_cfg = _splitnet_cfg(arch, split_factor)
+        pretrained_cfg = splitnet_cfg(arch, split_factor)
         pretrained_cfg['architecture'] = variant
     meta = _safetensors_metadata(overlay.get('file', '')) if pretrained else {}
     if meta.get('architecture') and meta['architecture'] != variant:
@@ -332,31 +334,3 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
         **kwargs,
     )
 
-
-def _make_entrypoint(arch: str, split_factor: int):
-    def entrypoint(pretrained: bool = False, **kwargs) -> SplitNet:
-        return create_splitnet(arch, split_factor, pretrained=pretrained, **kwargs)
-
-    name = splitnet_name(arch, split_factor)
-    entrypoint.__name__ = entrypoint.__qualname__ = name
-    entrypoint.__module__ = __name__
-    entrypoint.__doc__ = f'SplitNet {SPLIT_ARCHS[arch].description} divided into S={split_factor} co-trained members.'
-    return entrypoint
-
-
-def _register_entrypoints() -> None:
-    module = sys.modules[__name__]
-    for arch in SPLIT_ARCHS:
-        for split_factor in REGISTERED_SPLIT_FACTORS:
-            entrypoint = _make_entrypoint(arch, split_factor)
-            setattr(module, entrypoint.__name__, entrypoint)
-            register_model(entrypoint)
-
-
-def _default_cfgs() -> Dict[str, Any]:
-    return generate_default_cfgs({
-        splitnet_name(arch, s): _splitnet_cfg(arch, s) for arch in SPLIT_ARCHS for s in REGISTERED_SPLIT_FACTORS})
-
-
-default_cfgs = _default_cfgs()
-_register_entrypoints()

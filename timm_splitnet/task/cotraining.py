@@ -11,7 +11,8 @@ training script keeps timm's loop unchanged:
 * the member logits `[S, B, C]` go through `CoTrainingLoss` (sum of the members' CE + weighted JS divergence).
 
 `validate_members` evaluates the ensemble and every member in one pass (the members run once, the ensemble is
-combined from their logits the way the model's eval forward does).
+combined from their logits the way the model's eval forward does): accuracies, calibration (NLL, Brier, ECE) and the
+members' diversity (`timm_splitnet.utils.metrics`).
 
 Paper: "SplitNet: Divide and Co-training" (Zhao et al.), https://arxiv.org/abs/2011.14660
 
@@ -28,10 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.task import TrainingTask
-from timm.utils import accuracy, unwrap_model
+from timm.utils import accuracy, dispatch_clip_grad, unwrap_model
 
 from ..data import mixup_views, views_to_channels
 from ..loss import CoTrainingLoss
+from ..utils.metrics import CalibrationMeter, EnsembleMetrics, ensemble_manner
 
 __all__ = ['CoTrainingTask', 'validate_members', 'is_splitnet']
 
@@ -51,14 +53,18 @@ class CoTrainingTask(TrainingTask):
     logits, mean over members). A model that is not a SplitNet is trained as a single member (plain CE).
 
     EMA, checkpoint state and `no_sync` come from `TrainingTask`; `prepare_distributed` wraps the model in DDP and
-    `compile` compiles it, like timm's `ClassificationTask`.
+    `compile` compiles it, like timm's `ClassificationTask`. What else depends on where the members live is here
+    too: `clip_grad`, `optimizer_state_dict` / `load_optimizer_state_dict` (checkpoints) and `full_model` (export).
+
+    Subclasses that place the members elsewhere (`MemberParallelTask`) override the hooks `batch_members` (members
+    whose views a sample carries), `wrap_ddp` (the DDP step of `prepare_distributed`) and `describe`.
     """
 
     def __init__(
             self,
             model: nn.Module,
             criterion: CoTrainingLoss,
-            num_views: int = 1,
+            num_views: Optional[int] = 1,
             mixup_fn: Optional[Callable] = None,
             device: Optional[torch.device] = None,
             dtype: Optional[torch.dtype] = None,
@@ -68,38 +74,56 @@ class CoTrainingTask(TrainingTask):
         Args:
             model: The SplitNet (or any timm classifier) to train.
             criterion: Co-training loss applied to member logits [S, B, C].
-            num_views: Views per sample in the batch: S for one view per member (split-major `[S * B, C, H, W]`
-                batches), 1 when every member sees the same image `[B, C, H, W]`.
+            num_views: Views per sample in the batch: S (or None) for one view per member (split-major
+                `[S * B, C, H, W]` batches), 1 when every member sees the same image `[B, C, H, W]`.
             mixup_fn: Optional `timm.data.Mixup`, applied once per batch to all views alike.
             device: Device of the task.
             dtype: Dtype of the task.
             verbose: Log the configuration.
+
+        Raises:
+            ValueError: `num_views` is neither 1 nor the number of members whose views a sample carries.
         """
         super().__init__(device=device, dtype=dtype, verbose=verbose)
-        split_factor = getattr(model, 'split_factor', 1)
-        if num_views not in (1, split_factor):
+        members = self.batch_members(model)
+        if num_views is None:
+            num_views = members
+        if num_views not in (1, members):
             raise ValueError(
-                f'CoTrainingTask: num_views must be 1 (same view for every member) or the number of members '
-                f'({split_factor}), got {num_views}.')
+                f'{type(self).__name__}: num_views must be 1 (same view for every member) or the number of members '
+                f'whose views a sample carries ({members}), got {num_views}.')
         self.trainable_module = model
         self.criterion = criterion
         self.num_views = num_views
         self.mixup_fn = mixup_fn
-        self.split_factor = split_factor
+        self.split_factor = getattr(model, 'split_factor', 1)
         self.eval_members_fn: Optional[Callable] = None
         if self.verbose:
-            _logger.info(
-                f'CoTrainingTask: {split_factor} member(s), {num_views} view(s) per sample, criterion={criterion}, '
-                f'mixup={"on" if mixup_fn is not None else "off"}')
+            _logger.info(f'{type(self).__name__}: {self.describe()}')
+
+    # ----- hooks of subclasses -----
+
+    def batch_members(self, model: nn.Module) -> int:
+        """Number of members whose views one sample of a batch carries: every member (S, 1 for a plain model)."""
+        return getattr(model, 'split_factor', 1)
+
+    def wrap_ddp(self, module: nn.Module, device_ids: Optional[list] = None, **ddp_kwargs) -> nn.Module:
+        """The DDP step of `prepare_distributed`: the whole model, gradients averaged over all processes."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(module, device_ids=device_ids, **ddp_kwargs)
+
+    def describe(self) -> str:
+        """The configuration, in one line (logged when verbose)."""
+        return (f'{self.split_factor} member(s), {self.num_views} view(s) per sample, criterion={self.criterion}, '
+                f'mixup={"on" if self.mixup_fn is not None else "off"}')
 
     def set_epoch(self, epoch: float) -> None:
         """Set the epoch of the co-training weight warm-up (call at the start of every epoch)."""
         self.criterion.set_epoch(epoch)
 
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'CoTrainingTask':
-        """Wrap the model in DistributedDataParallel (every member receives gradients at every step)."""
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        self.trainable_module = DDP(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
+        """Wrap the model for distributed training (`wrap_ddp`: DDP, every member receives gradients every step)."""
+        self.trainable_module = self.wrap_ddp(self.trainable_module, device_ids=device_ids, **ddp_kwargs)
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
@@ -110,6 +134,32 @@ class CoTrainingTask(TrainingTask):
         self.trainable_module = torch.compile(model, backend=backend, mode=mode, **compile_kwargs)
         self.eval_model = self.trainable_module
         return self.trainable_module
+
+    def clip_grad(self, value: float, mode: str = 'norm') -> Optional[torch.Tensor]:
+        """Clip the gradients of the trained model (timm's `dispatch_clip_grad`), after backward."""
+        dispatch_clip_grad(self.get_trainable_module().parameters(), value=value, mode=mode)
+        return None
+
+    def optimizer_state_dict(self, optimizer: torch.optim.Optimizer) -> Optional[Dict[str, Any]]:
+        """The optimizer state dict for a checkpoint: that of an optimizer over the full SplitNet."""
+        return optimizer.state_dict()
+
+    def load_optimizer_state_dict(self, optimizer: torch.optim.Optimizer, state_dict: Dict[str, Any]) -> None:
+        """Load a checkpoint's optimizer state (over the full SplitNet).
+
+        Raises:
+            ValueError: The state dict is of another model or optimizer setup.
+        """
+        try:
+            optimizer.load_state_dict(state_dict)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f'the optimizer state of the checkpoint does not fit this optimizer: {e}') from e
+
+    def full_model(self, state_dict: Dict[str, torch.Tensor]) -> nn.Module:
+        """The trained model holding `state_dict` (a checkpoint's full state dict), for the export."""
+        model = unwrap_model(self.get_trainable_module())
+        model.load_state_dict(state_dict)
+        return model
 
     def split_batch(self, input: torch.Tensor, target: torch.Tensor):
         """Loader batch to model input and one target per sample.
@@ -157,7 +207,7 @@ class CoTrainingTask(TrainingTask):
 def validate_members(
         model: nn.Module,
         loader,
-        device: torch.device = torch.device('cpu'),
+        device: Optional[torch.device] = None,
         amp_autocast: Callable = nullcontext,
         channels_last: bool = False,
         distributed: bool = False,
@@ -171,7 +221,7 @@ def validate_members(
     Args:
         model: SplitNet or classifier, possibly wrapped (DDP, torch.compile, EMA).
         loader: Eval loader of single images `[B, C, H, W]` (prefetcher or not).
-        device: Device of the model.
+        device: Device of the model (default: the CPU).
         amp_autocast: Autocast context factory.
         channels_last: Convert inputs to channels-last.
         distributed: Sum the counts over all processes.
@@ -182,9 +232,13 @@ def validate_members(
         verbose: Log progress lines.
 
     Returns:
-        `loss` (CE of the ensemble), `top1`, `top5` (ensemble) and, for a SplitNet, `member{i}_top1`,
-        `member{i}_top5` for every member and `member_avg_top1`; accuracies in percent.
+        `loss` (CE of the ensemble), `top1`, `top5`, `nll`, `brier`, `ece` (ensemble) and, for a SplitNet,
+        `member{i}_top1`, `member{i}_top5`, `member{i}_nll`, `member{i}_brier`, `member{i}_ece` for every member,
+        `member_avg_top1` and, with two members or more, `disagreement` and `pairwise_kl`; accuracies in percent,
+        the other metrics as defined in `timm_splitnet.utils.metrics` (the ensemble's distribution is that of the
+        model's configured manner).
     """
+    device = device if device is not None else torch.device('cpu')
     base = unwrap_model(model)
     splitnet = hasattr(base, 'forward_members')
     if splitnet and forward_members is None:
@@ -194,6 +248,12 @@ def validate_members(
     num_members = base.split_factor if splitnet else 1
     # device sums (no host sync per batch): [loss, ens top1, ens top5, m0 top1, m0 top5, m1 top1, ...]; images on host
     sums = torch.zeros(3 + 2 * num_members, dtype=torch.float64, device=device)
+    if splitnet:
+        calibration = EnsembleMetrics(
+            num_members, ensemble_manner(getattr(base, 'ensemble', 'mean'), getattr(base, 'ensemble_softmax', False)),
+            device=device)
+    else:
+        calibration = CalibrationMeter(device=device)
     count = 0
     start = time.time()
     last_idx = len(loader) - 1
@@ -217,8 +277,10 @@ def validate_members(
         if splitnet:
             for member_logits in members.float():
                 stats += accuracy(member_logits, target, topk=(1, 5))
+            calibration.update(members, target)
         else:
             stats += stats[1:3]
+            calibration.update(output, target)
         sums += torch.stack(stats).double() * batch_size  # accuracies in percent
         count += batch_size
         if verbose and log_interval and (batch_idx % log_interval == 0 or batch_idx == last_idx):
@@ -229,6 +291,7 @@ def validate_members(
     sums = torch.cat([sums, torch.tensor([count], dtype=torch.float64, device=device)])
     if distributed:
         torch.distributed.all_reduce(sums)
+        calibration.all_reduce()
     model.train(was_training)
     *sums, count = sums.tolist()
     count = max(count, 1.)
@@ -238,4 +301,5 @@ def validate_members(
             metrics[f'member{i}_top1'] = sums[3 + 2 * i] / count
             metrics[f'member{i}_top5'] = sums[4 + 2 * i] / count
         metrics['member_avg_top1'] = sum(metrics[f'member{i}_top1'] for i in range(num_members)) / num_members
+    metrics.update(calibration.compute())
     return metrics
