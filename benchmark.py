@@ -8,8 +8,8 @@ S > 1 it reports, side by side (the paper's Fig. 3 / Fig. 6 latency study):
 - `sequential`: the S members one after another on `--device` (the normal model),
 - `concurrent`: member i on `--devices[i mod n]`, one host thread per device (`timm_splitnet.parallel.concurrent`),
 - `member_parallel`: under torchrun with `--member-parallel`, member i on rank i mod N, one process per member
-  (group), the logits all-gathered over the processes (`timm_splitnet.parallel.member_parallel`): timed on rank 0 with the
-  gather; rank 0 alone then runs the single-process rows and reports.
+  (group), the logits all-gathered over the processes (`timm_splitnet.parallel.member_parallel`): timed on rank 0
+  with the gather; rank 0 alone then runs the single-process rows and reports.
 
     python benchmark.py --model splitnet_wrn28_10_s4 --devices cuda:0,cuda:1,cuda:2,cuda:3 --amp -b 100
     torchrun --nproc_per_node=4 benchmark.py --model splitnet_wrn28_10_s4 --member-parallel --amp -b 100
@@ -57,8 +57,9 @@ SPLIT_MODES = ('undivided', 'sequential', 'concurrent', 'member_parallel')
 _SPLITNET_NAME = re.compile(r'^splitnet_(?P<arch>.+)_s(?P<s>\d+)$')
 
 parser = argparse.ArgumentParser(description='SplitNet / timm model benchmark')
-parser.add_argument('--bench', default='both', type=str, choices=['infer', 'train', 'both'],
-                    help='benchmark mode: "both", "infer", "train" (default: both)')
+parser.add_argument('--bench', default='both', type=str, choices=['infer', 'train', 'both', 'data'],
+                    help='benchmark mode: "both", "infer", "train", or "data": views/s of the CPU multi-view loader '
+                         'and of the views made on the device (train.py --views-on-device) (default: both)')
 parser.add_argument('--num-warm-iter', default=10, type=int,
                     help='number of warmup iterations (default: 10; at least 1 with --member-parallel)')
 parser.add_argument('--num-bench-iter', default=40, type=int, help='number of benchmark iterations (default: 40)')
@@ -86,6 +87,11 @@ parser.add_argument('--lr', default=1e-4, type=float, metavar='LR', help='train 
 parser.add_argument('--cot-weight', default=0.5, type=float,
                     help='co-training weight of the SplitNet train benchmark loss (default: 0.5)')
 parser.add_argument('--seed', default=42, type=int, help='random seed of weights and inputs')
+parser.add_argument('--views', default=None, type=int, metavar='S',
+                    help='--bench data: views per image (default: S of --model, else 2)')
+parser.add_argument('--data-dir', default='', type=str, metavar='DIR',
+                    help='--bench data: image folder (ImageNet layout, its train split; default: synthetic images)')
+parser.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='--bench data: loader processes')
 parser.add_argument('--plot', default='', type=str, metavar='FILE.png',
                     help='draw the latency comparison (undivided / sequential / concurrent) to this file')
 parser.add_argument('--plot-from', default='', type=str, metavar='RESULTS.json',
@@ -185,6 +191,8 @@ class BenchSetup:
         torch.manual_seed(args.seed)
         self.model = create_model_checked(name, **kwargs)
         self.is_split = isinstance(self.model, SplitNet)
+        if self.is_split:  # the train bench measures the co-training step: train mode returns the member logits
+            self.model.set_cotraining(True)
         if mode == 'member_parallel':  # the members of a rank run one after the other
             self.split_backend = 'loop' if self.is_split else None
         else:
@@ -436,6 +444,99 @@ def benchmark_model(
     return rows
 
 
+# ----- data loading: CPU views vs device views -----
+
+class _SyntheticImages(torch.utils.data.Dataset):
+    """Random RGB PIL images of one size (drawn per index), class = index mod 10; `transform` set by the caller."""
+
+    def __init__(self, num_images: int, size: int, seed: int = 0):
+        self.num_images, self.size, self.seed = num_images, size, seed
+        self.transform = None
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        g = torch.Generator().manual_seed(self.seed * 100_003 + index)
+        pixels = torch.randint(0, 256, (self.size, self.size, 3), dtype=torch.uint8, generator=g)
+        img = Image.fromarray(pixels.numpy())
+        return (self.transform(img) if self.transform is not None else img), index % 10
+
+
+def _time_loader(loader, device: torch.device, num_warm: int, num_bench: int) -> Tuple[float, int]:
+    """(seconds, views) of `num_bench` batches after `num_warm`; the device is synchronised before each clock read."""
+    it = iter(loader)
+    for _ in range(num_warm):
+        next(it)
+    synchronize_devices([device])
+    t0 = time.perf_counter()
+    views = 0
+    for _ in range(num_bench):
+        x, _ = next(it)
+        views += x.shape[0]
+    synchronize_devices([device])
+    return time.perf_counter() - t0, views
+
+
+def bench_data(args, device: torch.device) -> Dict[str, Any]:
+    """Views/s of the two ways to feed S views per image: timm's loader over `MultiViewDataset` (every view
+    augmented on the CPU, normalised by the prefetcher) and `DeviceViewLoader` (decoded once on the CPU, the views
+    made on `device`). Both use `--workers` processes, batch `-b` images and the same crop / flip / erasing."""
+    from timm.data import create_loader
+    from timm_splitnet.data import (
+        DeviceViewAugment, DeviceViewLoader, MultiViewDataset, create_dataset, create_decode_transform,
+        create_train_transform)
+    views = args.views
+    if views is None:
+        parsed = parse_splitnet_name(args.model) if args.model else None
+        views = parsed[1] if parsed else 2
+    size = args.img_size or (args.input_size[-1] if args.input_size else 32)
+    input_size = (3, size, size)
+    crop_mode = 'pad' if size <= 64 else 'rrc'
+    num_batches = args.num_warm_iter + args.num_bench_iter
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def dataset():
+        if args.data_dir:
+            return create_dataset('', root=args.data_dir, split='train', is_training=True)
+        return _SyntheticImages(args.batch_size * num_batches, size if crop_mode == 'pad' else size * 8 // 7)
+
+    common = dict(batch_size=args.batch_size, is_training=True, no_aug=True, num_workers=args.workers,
+                  pin_memory=device.type == 'cuda', device=device, input_size=input_size, mean=mean, std=std,
+                  persistent_workers=False)
+    if len(dataset()) < args.batch_size * num_batches:
+        raise CliError(f'--bench data needs {args.batch_size * num_batches} images (-b x iterations), '
+                       f'--data-dir {args.data_dir} has {len(dataset())}.')
+    cpu_loader = create_loader(MultiViewDataset(dataset(), views), use_prefetcher=True, **common)
+    cpu_loader.dataset.transform = create_train_transform(
+        input_size, train_crop_mode=crop_mode, padding=max(1, size // 8), use_prefetcher=True, mean=mean, std=std)
+    cpu_seconds, cpu_views = _time_loader(cpu_loader, device, args.num_warm_iter, args.num_bench_iter)
+
+    plain = create_loader(dataset(), use_prefetcher=False, **common)
+    plain.dataset.transform = create_decode_transform(input_size, crop_mode)
+    augment = DeviceViewAugment(views, input_size, crop_mode=crop_mode, padding=max(1, size // 8), mean=mean, std=std,
+                                seed=args.seed)
+    dev_seconds, dev_views = _time_loader(
+        DeviceViewLoader(plain, augment, device), device, args.num_warm_iter, args.num_bench_iter)
+    return OrderedDict(
+        bench='data', views=views, img_size=size, crop_mode=crop_mode, batch_size=args.batch_size,
+        workers=args.workers, device=str(device), data=args.data_dir or 'synthetic',
+        cpu_views_per_sec=round(cpu_views / cpu_seconds, 1), device_views_per_sec=round(dev_views / dev_seconds, 1),
+        speedup=round(cpu_seconds / cpu_views * dev_views / dev_seconds, 3))
+
+
+def format_data_rows(rows: List[Dict[str, Any]]) -> str:
+    """The table of `--bench data` rows."""
+    lines = [f'{"S":>3} {"img":>5} {"crop":>5} {"batch":>6} {"workers":>8} {"CPU views/s":>13} '
+             f'{"device views/s":>15} {"speedup":>8}  device']
+    for r in rows:
+        lines.append(f'{r["views"]:>3} {r["img_size"]:>5} {r["crop_mode"]:>5} {r["batch_size"]:>6} {r["workers"]:>8} '
+                     f'{r["cpu_views_per_sec"]:>13.1f} {r["device_views_per_sec"]:>15.1f} {r["speedup"]:>8.2f}  '
+                     f'{r["device"]}')
+    return '\n'.join(lines)
+
+
 def format_rows(rows: List[Dict[str, Any]]) -> str:
     """A readable table of result rows."""
     cols = [
@@ -481,8 +582,74 @@ def load_results(path: str) -> List[Dict[str, Any]]:
     return rows
 
 
+# ----- the comparison of a bare `python benchmark.py` -----
+
+# per device type: the undivided network and its S=2, S=4 divisions, at a size that runs in about a minute there
+DEFAULT_COMPARISON = {
+    'cpu': dict(arch='wrn16_8', img_size=32, num_classes=100, batch_size=8, num_warm_iter=1, num_bench_iter=3),
+    'cuda': dict(arch='wrn50_3', img_size=224, num_classes=1000, batch_size=64, num_warm_iter=5, num_bench_iter=20),
+}
+DEFAULT_SPLIT_FACTORS = (1, 2, 4)
+
+
+def explicit_dests(argv: Optional[List[str]]) -> set:
+    """The dests that `argv` sets itself (not left at the parser's default)."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parsed = parser.parse_args(argv, namespace)
+    return {dest for dest, value in vars(parsed).items() if value is not unset}
+
+
+def resolve_default_comparison(args, device: torch.device, explicit: set) -> List[str]:
+    """Fill in the comparison run when no model is given: an undivided network beside its S=2 and S=4 divisions,
+    sized for `device` (WRN-16-8 at 32 px on a CPU, WRN-50-3 at 224 px on a GPU).
+
+    Settings given on the command line are kept; returns the model names.
+    """
+    sizing = dict(DEFAULT_COMPARISON.get(device.type, DEFAULT_COMPARISON['cuda']))
+    arch = sizing.pop('arch')
+    for dest, value in sizing.items():
+        if dest not in explicit:
+            setattr(args, dest, value)
+    if 'compare_undivided' not in explicit:
+        args.compare_undivided = False  # S=1 is in the list itself
+    names = [splitnet_name(arch, s) for s in DEFAULT_SPLIT_FACTORS]
+    _logger.info(
+        f'No model given: comparing {", ".join(names)} on {device} at {args.img_size} px, batch size '
+        f'{args.batch_size} (pass --model NAME to benchmark another model).')
+    return names
+
+
+def add_throughput_ratios(rows: List[Dict[str, Any]]) -> List[str]:
+    """Add the throughput of every divided SplitNet row relative to its undivided S=1 network (`infer_vs_s1`,
+    `train_vs_s1`) where both are in `rows`; returns one readable line per such row."""
+    baselines = {}
+    for row in rows:
+        parsed = parse_splitnet_name(str(row.get('model', '')))
+        if parsed and parsed[1] == 1 and 'error' not in row:
+            baselines.setdefault(parsed[0], row)
+    lines = []
+    for row in rows:
+        parsed = parse_splitnet_name(str(row.get('model', '')))
+        if not parsed or parsed[1] == 1 or parsed[0] not in baselines or 'error' in row:
+            continue
+        base = baselines[parsed[0]]
+        parts = []
+        for kind, title in (('infer', 'inference'), ('train', 'training')):
+            key = f'{kind}_samples_per_sec'
+            if row.get(key) and base.get(key):
+                row[f'{kind}_vs_s1'] = round(row[key] / base[key], 3)
+                parts.append(f'{title} {row[f"{kind}_vs_s1"]:.2f}x')
+        if parts:
+            lines.append(f'{row["model"]} ({row.get("split_mode", "")}): {", ".join(parts)} the throughput of '
+                         f'{base["model"]}')
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     """Command line entry point; returns the result rows (raises SystemExit with a message on bad input).
+
+    Without --model / --model-list it runs `resolve_default_comparison` (S=1 beside S=2 and S=4, with the ratios).
 
     With `--member-parallel` (under torchrun) every rank runs the member-parallel rows first; then rank 0 alone runs
     the single-process rows, reports and returns all rows, the other ranks return an empty list.
@@ -495,13 +662,25 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
             rows = load_results(args.plot_from)
             _plot(rows, args.plot)
             return rows
+    if args.bench == 'data':
+        with cli_session('benchmark.py'):
+            device = resolve_device_checked(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+            rows = [bench_data(args, device)]
+        print_results(rows, args, table=format_data_rows(rows))
+        return rows
     with cli_session('benchmark.py', args.member_parallel) as rank:
-        model_names = expand_model_names(args.model, args.model_list)
         resolve_precision(args.precision)
         if args.amp:
             resolve_amp_dtype(args.amp_dtype)
         devices = parse_devices_checked(args.devices) if args.devices else None
         device = resolve_device_checked(args.device) if args.device or not devices else devices[0]
+        if device.type == 'cuda' or any(d.type == 'cuda' for d in devices or []):  # as timm's benchmark.py
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+        if args.model or args.model_list:
+            model_names = expand_model_names(args.model, args.model_list)
+        else:
+            model_names = resolve_default_comparison(args, device, explicit_dests(argv))
         rows, cache = [], {}
         if args.member_parallel:
             benchmark_member_parallel(model_names, args, cache, rank)
@@ -520,7 +699,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                 # bulk mode: report the model's failure and go on with the others (as timm's benchmark.py)
                 _logger.error(f'{name}: {type(e).__name__}: {e}', exc_info=not isinstance(e, CliError))
                 rows.append(OrderedDict(model=name, error=str(e)))
-    print_results(rows, args, table=format_rows(rows))
+    ratios = add_throughput_ratios(rows)
+    table = format_rows(rows)
+    if ratios:
+        table += '\nThroughput relative to the undivided network:\n' + '\n'.join(f'  {line}' for line in ratios)
+    print_results(rows, args, table=table)
     if args.plot:
         _plot(rows, args.plot)
     if any('error' in r for r in rows):

@@ -29,6 +29,8 @@ weights are exported as `model.safetensors` + `config.json` and the curves plott
 Hacked together by the timm-splitnet authors
 """
 import argparse
+import importlib
+import importlib.util
 import logging
 import os
 import re
@@ -37,7 +39,7 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from datetime import datetime
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,6 +47,7 @@ import yaml
 
 from timm.data import Mixup, resolve_data_config, create_loader
 from timm.data.random_erasing import RandomErasing
+from timm.loss import BinaryCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import NativeScaler, ParseKwargs, get_outdir, random_seed, update_summary
@@ -52,13 +55,15 @@ from timm.utils import NativeScaler, ParseKwargs, get_outdir, random_seed, updat
 from timm_splitnet import divide_weight_decay, export_model  # importing timm_splitnet registers the splitnet_* models
 from timm_splitnet.cli import (
     CliError, add_member_parallel_args, as_cli_error, autocast_factory, check_rank_device, check_torchrun_env,
-    cli_errors, create_model_checked, resolve_amp_dtype, setup_logging, torchrun_rank)
+    cli_errors, create_model_checked, resolve_amp_dtype, resolve_data_dir, setup_logging, torchrun_rank)
 from timm_splitnet.data import (
-    MultiViewDataset, collate_views, create_dataset, create_eval_transform, create_random_erasing,
-    create_train_transform)
+    DeviceViewAugment, DeviceViewLoader, MultiViewDataset, collate_views, create_dataset, create_decode_transform,
+    create_eval_transform, create_random_erasing, create_train_transform)
 from timm_splitnet.loss import CoTrainingLoss
 from timm_splitnet.task import (
     CoTrainingTask, DataParallelTraining, MemberParallelTraining, is_splitnet, validate_members)
+from timm_splitnet.utils import prepare_batch
+from timm_splitnet.models._weights import is_training_checkpoint, load_weights
 from timm_splitnet.utils.train_state import CheckpointKeeper, gather_rng_states, load_checkpoint_file, set_rng_state
 
 _logger = logging.getLogger('train')
@@ -68,68 +73,121 @@ class NonFiniteLossError(CliError):
     """The training loss became NaN or infinite."""
 
 
-# The first arg parser parses out only the --config argument, this argument is used to
-# load a yaml file containing key-values that override the defaults for the main parser below
+# `-c FILE` is read first, on its own: the YAML's keys become the defaults of the full parser, so that anything
+# on the command line still wins over the file
 config_parser = argparse.ArgumentParser(description='Training Config', add_help=False)
 config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
-                           help='YAML config file specifying default arguments')
+                           help='YAML file of option defaults (keys: dest names, e.g. a timm args.yaml)')
+
+# timm's train.py options that have no counterpart here: accepted as keys of a -c file (reported in one warning),
+# never on the command line
+TIMM_ONLY_KEYS = (
+    'train_num_samples', 'val_num_samples', 'input_img_mode', 'input_key', 'target_key', 'dataset_trust_remote_code',
+    'amp_impl', 'tta', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'opt_foreach',
+    'lr_decay_fn', 'lr_stable_timescale', 'sched_res_schedule', 'naflex_loader', 'naflex_train_seq_lens',
+    'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs', 'naflex_loss_scale', 'kd_model_name',
+    'kd_distill_type', 'kd_loss_type', 'kd_alpha', 'kd_temperature', 'kd_token_weight', 'kd_checkpoint',
+    'kd_model_kwargs', 'no_aug_train_epochs', 'dist_bn_eps',
+)
+
+# timm flags that cannot apply to co-training a SplitNet: dest -> why; a value other than the default stops the run
+REFUSED = {
+    'torchscript': 'a SplitNet is trained eagerly or with --torchcompile; TorchScript export is not supported',
+    'aug_splits': 'AugMix splits share one crop between views; a SplitNet gives each member its own view '
+                  '(--split-views)',
+    'jsd_loss': 'the co-training loss already ties the members\' views together (--cot-weight, --cot-loss)',
+    'resplit': 'it acts on AugMix splits (--aug-splits), which a SplitNet does not use',
+    'split_bn': 'every member has its own BatchNorm layers already; split BN would mix them up',
+    'no_aug': 'the members\' different views are the method; use --same-view to give them one view',
+    'model_dtype': 'the model trains in float32; use --amp --amp-dtype bfloat16 for lower precision',
+    'recovery_interval': 'checkpoints are written atomically every epoch; stop early with --stop-epoch',
+    'save_images': 'not implemented here',
+}
 
 
 def create_parser() -> argparse.ArgumentParser:
-    """The main argument parser (a new one per call: `--config` defaults never leak into the next run)."""
-    parser = argparse.ArgumentParser(description='SplitNet divide-and-co-train training on timm')
+    """All options of a run; a new parser per call, so that a `-c` file never changes the next call's defaults."""
+    parser = argparse.ArgumentParser(description='Divide-and-co-train training of a SplitNet (or any timm model)')
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
-                        help='YAML config file (keys: the options\' dest names) setting the defaults of this run')
-    group = parser.add_argument_group('Dataset parameters')
+                        help='YAML file of option defaults (keys: dest names, e.g. a timm args.yaml)')
+    group = parser.add_argument_group('Data')
+    group.add_argument('data', nargs='?', metavar='DIR', const=None,
+                       help='data folder, as timm\'s train.py takes it (same as --data-dir)')
     group.add_argument('--data-dir', metavar='DIR', default=None,
-                       help='path to dataset (ImageNet layout: <dir>/train/<class>/*.jpg, <dir>/validation/...)')
+                       help='data folder: <dir>/train/<class>/*.jpg and <dir>/validation/... (the ImageNet layout)')
     group.add_argument('--dataset', metavar='NAME', default='',
-                       help='dataset type + name ("<type>/<name>"): "" image folder (default), "torch/cifar10", '
-                            '"torch/cifar100", "sklearn/digits" (bundled, no data dir)')
-    group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
+                       help='"<type>/<name>": "" for an image folder (default), "torch/cifar10", "torch/cifar100", '
+                            '"sklearn/digits" (ships with scikit-learn, needs no folder)')
+    group.add_argument('--train-split', metavar='NAME', default='train', help='split to train on (default: train)')
     group.add_argument('--val-split', metavar='NAME', default='validation',
-                       help='dataset validation split (default: validation; "" to train without evaluation)')
+                       help='split evaluated after every epoch (default: validation; "" for none)')
     group.add_argument('--dataset-download', action='store_true', default=False,
-                       help='Allow download of dataset for torch/ and tfds/ datasets that support it.')
+                       help='let torch/ and tfds/ data sets download themselves into the data folder')
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
+                       help='file mapping class folder names to indices (one name per line, or name,index)')
 
-    group = parser.add_argument_group('Model parameters')
+    group = parser.add_argument_group('Model')
     group.add_argument('--model', default='splitnet_resnet110_s2', type=str, metavar='MODEL',
-                       help='Name of model to train, "splitnet_<arch>_s<S>" (default: "splitnet_resnet110_s2")')
+                       help='what to train: "splitnet_<arch>_s<S>" (any S the arch\'s division rule defines) or '
+                            'a timm model (default: splitnet_resnet110_s2)')
     group.add_argument('--pretrained', action='store_true', default=False,
-                       help='Start with pretrained version of specified network (if avail)')
+                       help='start from the weights of the model\'s pretrained cfg (or of --pretrained-path)')
+    group.add_argument('--pretrained-path', default=None, type=str, metavar='FILE',
+                       help='weights file used as the pretrained weights (implies --pretrained); a head of another '
+                            'class count is replaced by a new one')
+    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                       help='weights to start from (.safetensors, .pth, .pth.tar; a member-shaped file goes into '
+                            'every member); epochs, optimizer and schedule start fresh')
     group.add_argument('--resume', default='', type=str, metavar='PATH',
-                       help='Resume full model and optimizer state from checkpoint (default: none)')
+                       help='continue a run of this script from its checkpoint (weights, optimizer, schedule, '
+                            'random streams)')
     group.add_argument('--no-resume-opt', action='store_true', default=False,
-                       help='prevent resume of optimizer state when resuming model')
+                       help='with --resume: take the weights only, start the optimizer and loss scaler afresh')
     group.add_argument('--num-classes', type=int, default=None, metavar='N',
-                       help='number of label classes (default: the number of classes of the dataset)')
+                       help='size of the classifier (default: the data set\'s class count)')
+    group.add_argument('--gp', default=None, type=str, metavar='POOL',
+                       help='global pooling of every member: fast, avg, max, avgmax, catavgmax (default: the model\'s)')
     group.add_argument('--img-size', type=int, default=None, metavar='N',
-                       help='Image size (default: None => model default)')
-    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('D', 'H', 'W'),
-                       help='Input all image dimensions (d h w, e.g. --input-size 3 224 224), model default if empty')
+                       help='side of the square training image (default: the model\'s)')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N',
+                       help='input channels of the images (default: 3, or the third value of --input-size)')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('C', 'H', 'W'),
+                       help='the full input shape, e.g. --input-size 3 32 32 (default: the model\'s)')
     group.add_argument('--crop-pct', default=None, type=float, metavar='N',
-                       help='Input image center crop percent (for validation only)')
+                       help='evaluation: fraction of the resized image kept by the centre crop')
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN',
-                       help='Override mean pixel value of dataset')
+                       help='per-channel mean subtracted from the pixels (default: the model\'s)')
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD',
-                       help='Override std deviation of dataset')
+                       help='per-channel standard deviation the pixels are divided by (default: the model\'s)')
     group.add_argument('--interpolation', default='', type=str, metavar='NAME',
-                       help='Image resize interpolation type (overrides model)')
+                       help='resize filter of the evaluation images (default: the model\'s)')
     group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
-                       help='Input batch size per process, in images (each image gives S views) (default: 128)')
+                       help='images per process and step; a SplitNet sees S views of each (default: 128)')
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
-                       help='Validation batch size override (default: None)')
-    group.add_argument('--channels-last', action='store_true', default=False, help='Use channels_last memory layout')
+                       help='images per evaluation step (default: --batch-size)')
+    group.add_argument('--channels-last', action='store_true', default=False,
+                       help='keep activations in the channels_last (NHWC) layout')
+    group.add_argument('--fuser', default='', type=str,
+                       help='TorchScript fuser to select: te, old or nvfuser (rarely needed)')
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
-                       help='The number of steps to accumulate gradients (default: 1)')
+                       help='batches whose gradients are summed before each optimizer step (default: 1)')
     group.add_argument('--grad-checkpointing', action='store_true', default=False,
-                       help='Enable gradient checkpointing through model blocks/stages')
+                       help='recompute activations in the backward pass to save memory (every member)')
+    group.add_argument('--fast-norm', action='store_true', default=False,
+                       help='timm\'s fast (lower precision) normalization layers where the model uses them')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
-                       help='extra model kwargs, key=value (passed to every member)')
-    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
-                       help='Enable compilation w/ specified backend (default: inductor).')
+                       help='more model arguments as key=value (for a SplitNet: given to every member)')
+    group.add_argument('--head-init-scale', default=None, type=float,
+                       help='multiply the initial classifier weights by this factor')
+    group.add_argument('--head-init-bias', default=None, type=float,
+                       help='set the initial classifier bias to this value')
     group.add_argument('--torchcompile-mode', type=str, default=None,
-                       help='torch.compile mode (default: None).')
+                       help='mode for torch.compile, e.g. max-autotune (default: torch\'s)')
+    scripting = group.add_mutually_exclusive_group()
+    scripting.add_argument('--torchscript', action='store_true', default=False,
+                           help='refused: ' + REFUSED['torchscript'])
+    scripting.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                           help='compile the training module with torch.compile and this backend (default: inductor)')
 
     group = parser.add_argument_group('Divide and co-train (SplitNet)')
     group.add_argument('--split-views', nargs='?', type=int, default=None, const=-1, metavar='S',
@@ -137,6 +195,9 @@ def create_parser() -> argparse.ArgumentParser:
                             'optional value: the number of views, must equal the number of members)')
     group.add_argument('--same-view', action='store_true', default=False,
                        help='All members train on the same augmented view (Table 5 ablation)')
+    group.add_argument('--views-on-device', action='store_true', default=False,
+                       help='Decode every image once on the CPU and make its views (crop, flip, erasing, '
+                            'normalisation) as batched ops on the training device; not with --aa (CPU only)')
     group.add_argument('--split-backend', type=str, default=None, metavar='NAME',
                        help='How the members run: loop, packed, auto (SplitNet.set_split_backend) (default: loop)')
     group.add_argument('--cot-weight', type=float, default=0.5, metavar='W',
@@ -150,144 +211,281 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--stop-epoch', type=int, default=None, metavar='N',
                        help='End this run after epoch N (checkpointed); continue with --resume (time-limited jobs)')
 
-    group = parser.add_argument_group('Device parameters')
+    group = parser.add_argument_group('Device')
     group.add_argument('--device', default=None, type=str,
-                       help='Device (accelerator) to use (default: cuda if available, else cpu).')
+                       help='where to train: cuda, cuda:1, cpu, ... (default: cuda when there is one, else cpu)')
     group.add_argument('--amp', action='store_true', default=False,
-                       help='use PyTorch Native AMP for mixed precision training')
+                       help='mixed precision: autocast the forward pass (float16 adds a gradient scaler)')
     group.add_argument('--amp-dtype', default='float16', type=str,
-                       help='lower precision AMP dtype (default: float16)')
+                       help='lower precision type of --amp: float16 or bfloat16 (default: float16)')
+    group.add_argument('--model-dtype', default=None, type=str,
+                       help='refused: ' + REFUSED['model_dtype'])
     group.add_argument('--no-ddp-bb', action='store_true', default=False,
-                       help='Force broadcast buffers for native DDP to off.')
-    group.add_argument('--sync-bn', action='store_true', default=False, help='Enable synchronized BatchNorm.')
+                       help='DDP: do not broadcast buffers (BatchNorm statistics) from rank 0 at every forward')
+    group.add_argument('--synchronize-step', action='store_true', default=False,
+                       help='wait for the device at the end of every step (exact step timings, slower)')
+    group.add_argument('--local_rank', default=0, type=int,
+                       help='set by old launchers; torchrun\'s LOCAL_RANK is what counts here')
+    group.add_argument('--device-modules', default=None, type=str, nargs='+',
+                       help='Python modules to import before the device is set up (e.g. a vendor\'s torch backend)')
+    group.add_argument('--sync-bn', action='store_true', default=False,
+                       help='DDP: compute BatchNorm statistics over all processes (SyncBatchNorm)')
     group.add_argument('--dist-bn', type=str, default='reduce',
-                       help='Distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
+                       help='after every epoch, make the BatchNorm statistics of the processes equal: "reduce" '
+                            '(average them), "broadcast" (rank 0\'s) or "" (leave them)')
+    group.add_argument('--split-bn', action='store_true', default=False,
+                       help='refused: ' + REFUSED['split_bn'])
+    group.add_argument('--bn-momentum', type=float, default=None,
+                       help='BatchNorm running-average momentum of every member (default: the model\'s)')
+    group.add_argument('--bn-eps', type=float, default=None,
+                       help='BatchNorm epsilon of every member (default: the model\'s)')
     add_member_parallel_args(parser)
 
-    group = parser.add_argument_group('Optimizer parameters')
+    group = parser.add_argument_group('Optimizer')
     group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER',
-                       help='Optimizer (default: "sgd", Nesterov momentum as in the paper)')
+                       help='any timm optimizer name: sgd (Nesterov momentum, the paper\'s), adamw, lamb, ... '
+                            '(default: sgd)')
     group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON',
-                       help='Optimizer Epsilon (default: None, use opt default)')
+                       help='epsilon of adaptive optimizers (default: the optimizer\'s)')
     group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA',
-                       help='Optimizer Betas (default: None, use opt default)')
-    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='Optimizer momentum (default: 0.9)')
+                       help='betas of Adam-like optimizers (default: the optimizer\'s)')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum (default: 0.9)')
     group.add_argument('--weight-decay', type=float, default=1e-4,
-                       help='weight decay of conv / linear weights, before --wd-divide (default: 1e-4)')
+                       help='decay of conv and linear weights, before --wd-divide; BatchNorm and biases get none '
+                            '(default: 1e-4)')
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
-                       help='Clip gradient norm (default: None, no clipping)')
+                       help='clip gradients at this value (default: no clipping)')
     group.add_argument('--clip-mode', type=str, default='norm',
-                       help='Gradient clipping mode. One of ("norm", "value", "agc")')
-    group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs)
+                       help='what --clip-grad bounds: "norm" (global norm), "value" (each element) or "agc" '
+                            '(adaptive, per unit)')
+    group.add_argument('--layer-decay', type=float, default=None,
+                       help='layer-wise LR decay: each layer group from the head down gets this factor once more '
+                            '(groups of the members\' group_matcher)')
+    group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='more optimizer arguments as key=value')
 
-    group = parser.add_argument_group('Learning rate schedule parameters')
+    group = parser.add_argument_group('Learning rate schedule')
     group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER',
-                       help='LR scheduler (default: "cosine")')
+                       help='timm schedule: cosine, tanh, step, multistep, plateau, poly (default: cosine)')
     group.add_argument('--sched-on-updates', action='store_true', default=False,
-                       help='Apply LR scheduler step on update instead of epoch end (per-iteration warm-up, paper).')
-    group.add_argument('--lr', type=float, default=0.1, metavar='LR', help='learning rate (default: 0.1)')
+                       help='move the LR after every optimizer step instead of every epoch (the paper\'s warm-up)')
+    group.add_argument('--lr', type=float, default=None, metavar='LR',
+                       help='peak learning rate (default: --lr-base scaled to the global batch: 0.1 per 128 '
+                            'images, the paper\'s CIFAR rate)')
+    group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
+                       help='rate at --lr-base-size images per step, scaled to the global batch when --lr is not '
+                            'given (default: 0.1)')
+    group.add_argument('--lr-base-size', type=int, default=128, metavar='N',
+                       help='global batch size --lr-base belongs to (default: 128)')
+    group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE',
+                       help='how --lr-base follows the batch: "linear" or "sqrt" (default: sqrt for adaptive '
+                            'optimizers, else linear)')
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                       help='add noise to the LR between these fractions of the run (one value: from it to the end)')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT',
+                       help='largest relative change the LR noise makes (default: 0.67)')
+    group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV',
+                       help='standard deviation of the LR noise (default: 1.0)')
+    group.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT',
+                       help='cyclic schedules: each cycle this many times longer than the last (default: 1.0)')
+    group.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT',
+                       help='cyclic schedules: peak LR of each cycle relative to the last (default: 0.5)')
+    group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N',
+                       help='cyclic schedules: how many cycles (default: 1)')
+    group.add_argument('--lr-k-decay', type=float, default=1.0,
+                       help='k of the k-decay cosine / poly schedules (default: 1.0)')
     group.add_argument('--warmup-lr', type=float, default=5e-3, metavar='LR',
-                       help='warmup learning rate (default: 5e-3)')
+                       help='LR at the start of the warm-up (default: 5e-3)')
     group.add_argument('--min-lr', type=float, default=1e-4, metavar='LR',
-                       help='lower lr bound for cyclic schedulers that hit 0 (default: 1e-4)')
-    group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train (default: 300)')
+                       help='LR the schedule ends at (default: 1e-4)')
+    group.add_argument('--epochs', type=int, default=300, metavar='N', help='epochs to train (default: 300)')
+    group.add_argument('--epoch-repeats', type=float, default=0., metavar='N',
+                       help='run through the training set this many times per epoch (default: 0 = once)')
+    group.add_argument('--start-epoch', default=None, type=int, metavar='N',
+                       help='number the first epoch N (with --resume: instead of the checkpoint\'s next epoch)')
     group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
-                       help='list of decay epoch indices for multistep lr. must be increasing')
-    group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
+                       help='multistep: the epochs at which the LR drops (default: 90 180 270)')
+    group.add_argument('--decay-epochs', type=float, default=90, metavar='N',
+                       help='step: epochs between two LR drops (default: 90)')
     group.add_argument('--warmup-epochs', type=int, default=0, metavar='N',
-                       help='epochs to warmup LR, if scheduler supports')
+                       help='epochs of linear LR warm-up from --warmup-lr (default: 0)')
     group.add_argument('--warmup-prefix', action='store_true', default=False,
-                       help='Exclude warmup period from decay schedule.')
+                       help='start the decay after the warm-up instead of counting the warm-up into it')
     group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
-                       help='epochs to cooldown LR at min_lr, after cyclic schedule ends (paper: 1, its E+1 epochs)')
+                       help='epochs at --min-lr after the schedule ends (the paper: 1)')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+                       help='plateau: epochs without progress before the LR drops (default: 10)')
     group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE',
-                       help='LR decay rate (default: 0.1)')
+                       help='step / multistep / plateau: factor of each LR drop (default: 0.1)')
 
-    group = parser.add_argument_group('Augmentation and regularization parameters')
+    group = parser.add_argument_group('Augmentation, regularization and loss')
+    group.add_argument('--no-aug', action='store_true', default=False, help='refused: ' + REFUSED['no_aug'])
     group.add_argument('--train-crop-mode', type=str, default=None, choices=('pad', 'rrc', 'rkrc', 'rkrr'),
-                       help='Training crop: pad (CIFAR RandomCrop, padding 1/8 of the side, + flip) or timm\'s '
-                            'rrc / rkrc / rkrr (default: pad for inputs up to 64 px, else rrc)')
+                       help='crop of the training views: pad (CIFAR: pad by 1/8 of the side, random crop, flip) or '
+                            'timm\'s rrc / rkrc / rkrr (default: pad up to 64 px, rrc above)')
     group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
-                       help='Random resize scale (default: 0.08 1.0)')
+                       help='rrc: range of the crop\'s area relative to the image (default: 0.08 1.0)')
     group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
-                       help='Random resize aspect ratio (default: 0.75 1.33)')
-    group.add_argument('--hflip', type=float, default=0.5, help='Horizontal flip training aug probability')
-    group.add_argument('--vflip', type=float, default=0., help='Vertical flip training aug probability')
+                       help='rrc: range of the crop\'s aspect ratio (default: 0.75 1.33)')
+    group.add_argument('--hflip', type=float, default=0.5, help='chance of a left-right flip (default: 0.5)')
+    group.add_argument('--vflip', type=float, default=0., help='chance of an upside-down flip (default: 0)')
     group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT',
-                       help='Color jitter factor of the rrc pipeline (default: 0.4)')
+                       help='rrc: strength of the brightness / contrast / saturation jitter (default: 0.4)')
+    group.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT',
+                       help='rrc: chance that a view is colour-jittered at all (default: always)')
+    group.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT',
+                       help='rrc: chance that a view is turned grey (default: never)')
+    group.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT',
+                       help='rrc: chance that a view is blurred (default: never)')
     group.add_argument('--aa', type=str, default=None, metavar='NAME',
-                       help='AutoAugment policy: timm\'s "v0", "original", "rand-m9-mstd0.5-inc1", ... or '
-                            'torchvision\'s "cifar10" / "svhn". (default: None)')
+                       help='automatic augmentation policy: timm\'s "rand-m9-mstd0.5-inc1", "v0", "original", ... '
+                            'or torchvision\'s "cifar10" / "svhn" (default: none)')
+    group.add_argument('--aug-repeats', type=float, default=0,
+                       help='repeated augmentation: each image this many times per epoch, spread over the '
+                            'processes (DDP only) (default: 0)')
+    group.add_argument('--aug-splits', type=int, default=0, help='refused: ' + REFUSED['aug_splits'])
+    group.add_argument('--jsd-loss', action='store_true', default=False, help='refused: ' + REFUSED['jsd_loss'])
+    group.add_argument('--bce-loss', action='store_true', default=False,
+                       help='train every member with binary cross-entropy (one-vs-all) instead of cross-entropy')
+    group.add_argument('--bce-sum', action='store_true', default=False,
+                       help='--bce-loss: sum over the classes instead of averaging')
+    group.add_argument('--bce-target-thresh', type=float, default=None,
+                       help='--bce-loss: soft targets at or above this value become 1, the rest 0')
+    group.add_argument('--bce-pos-weight', type=float, default=None,
+                       help='--bce-loss: weight of the positive class')
     group.add_argument('--reprob', type=float, default=0., metavar='PCT',
-                       help='Random erase prob, per view (default: 0.)')
-    group.add_argument('--remode', type=str, default='pixel', help='Random erase mode (default: "pixel")')
-    group.add_argument('--recount', type=int, default=1, help='Random erase count (default: 1)')
-    group.add_argument('--mixup', type=float, default=0.0, help='mixup alpha, mixup enabled if > 0. (default: 0.)')
-    group.add_argument('--cutmix', type=float, default=0.0, help='cutmix alpha, cutmix enabled if > 0. (default: 0.)')
+                       help='chance of random erasing, drawn for every view (default: 0)')
+    group.add_argument('--remode', type=str, default='pixel',
+                       help='what fills an erased box: "pixel" (noise per pixel), "rand" (per channel), "const" '
+                            '(zero) (default: pixel)')
+    group.add_argument('--recount', type=int, default=1, help='erased boxes per view (default: 1)')
+    group.add_argument('--resplit', action='store_true', default=False, help='refused: ' + REFUSED['resplit'])
+    group.add_argument('--mixup', type=float, default=0.0,
+                       help='mixup: alpha of the Beta distribution of the mixing weight; 0 turns it off (default: 0)')
+    group.add_argument('--cutmix', type=float, default=0.0,
+                       help='cutmix: alpha of the Beta distribution of the box area; 0 turns it off (default: 0)')
     group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
-                       help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+                       help='cutmix: box area drawn uniformly between these two fractions (replaces --cutmix alpha)')
     group.add_argument('--mixup-prob', type=float, default=1.0,
-                       help='Probability of performing mixup or cutmix when either/both is enabled')
+                       help='chance that a batch is mixed at all (default: 1.0)')
     group.add_argument('--mixup-switch-prob', type=float, default=0.5,
-                       help='Probability of switching to cutmix when both mixup and cutmix enabled')
+                       help='with both on: chance of cutmix rather than mixup (default: 0.5)')
     group.add_argument('--mixup-mode', type=str, default='batch',
-                       help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+                       help='one mixing draw per "batch", per "pair" or per "elem"ent (default: batch)')
     group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
-                       help='Turn off mixup after this epoch, disabled if 0 (default: 0)')
-    group.add_argument('--smoothing', type=float, default=0.0, help='Label smoothing (default: 0.0)')
+                       help='stop mixing from this epoch on; 0 keeps it on (default: 0)')
+    group.add_argument('--smoothing', type=float, default=0.0,
+                       help='label smoothing of the members\' loss (default: 0, as the paper)')
     group.add_argument('--train-interpolation', type=str, default='random',
-                       help='Training interpolation (random, bilinear, bicubic default: "random")')
+                       help='resize filter of the training views: random, bilinear, bicubic (default: random)')
     group.add_argument('--drop', type=float, default=None, metavar='PCT',
-                       help='Dropout rate of the undivided network, divided by sqrt(S) (default: the architecture\'s)')
+                       help='dropout before the classifier, for the undivided network: divided by sqrt(S) '
+                            '(default: the architecture\'s)')
+    group.add_argument('--drop-connect', type=float, default=None, metavar='PCT',
+                       help='old name of --drop-path, kept for timm configs')
     group.add_argument('--drop-path', type=float, default=None, metavar='PCT',
-                       help='Drop path rate of the undivided network, divided by sqrt(S) (default: None)')
+                       help='stochastic depth rate, for the undivided network: divided by sqrt(S) (default: none)')
+    group.add_argument('--drop-block', type=float, default=None, metavar='PCT',
+                       help='DropBlock rate of members that support it (timm ResNets) (default: none)')
 
-    group = parser.add_argument_group('Model exponential moving average parameters')
+    group = parser.add_argument_group('Weight averaging (EMA)')
     group.add_argument('--model-ema', action='store_true', default=False,
-                       help='Track an EMA of the model weights; checkpoints are then selected and exported by the EMA')
+                       help='keep an exponential moving average of the weights; it then picks and exports the best '
+                            'epoch')
+    group.add_argument('--model-ema-force-cpu', action='store_true', default=False,
+                       help='keep the average on the CPU (saves device memory; the average is not evaluated then)')
     group.add_argument('--model-ema-decay', type=float, default=0.9998,
-                       help='Decay factor for model weights moving average')
-    group.add_argument('--model-ema-warmup', action='store_true', help='Enable warmup for model EMA decay.')
+                       help='weight of the old average at every update (default: 0.9998)')
+    group.add_argument('--model-ema-warmup', action='store_true',
+                       help='let the decay grow from small values over the first updates')
 
-    group = parser.add_argument_group('Miscellaneous parameters')
-    group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    group = parser.add_argument_group('Run, logging and output')
+    group.add_argument('--seed', type=int, default=42, metavar='S', help='seed of every random stream (default: 42)')
+    group.add_argument('--worker-seeding', type=str, default='all',
+                       help='how loader workers are seeded: "all" (torch, numpy, python) or "part" (torch only)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
-                       help='how many batches to wait before logging training status')
+                       help='log the training loss every N batches (default: 50)')
+    group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                       help='refused unless 0: ' + REFUSED['recovery_interval'])
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
-                       help='number of best checkpoint-<epoch>.pth.tar files to keep (default: 10)')
+                       help='how many of the best epochs keep a checkpoint-<epoch>.pth.tar (default: 10)')
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N',
-                       help='how many training processes to use (default: 4)')
+                       help='data loader processes per training process (default: 4)')
+    group.add_argument('--save-images', action='store_true', default=False,
+                       help='refused: ' + REFUSED['save_images'])
     group.add_argument('--pin-mem', action='store_true', default=False,
-                       help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
-    group.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
+                       help='page-lock the loader\'s batches (faster copies to a GPU, more host memory)')
+    group.add_argument('--no-prefetcher', action='store_true', default=False,
+                       help='normalize and erase on the CPU in the workers instead of on the device')
+    group.add_argument('--use-multi-epochs-loader', action='store_true', default=False,
+                       help='keep the loader workers alive across epochs')
     group.add_argument('--output', default='', type=str, metavar='PATH',
-                       help='path to output folder (default: none, current dir)')
+                       help='parent folder of the run folder (default: ./output/train)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
-                       help='name of train experiment, name of sub-folder for output')
-    group.add_argument('--no-plot', action='store_true', default=False, help='Do not plot curves.png at the end.')
+                       help='name of the run folder (default: date-time, model and image size)')
+    group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
+                       help='ensemble metric that picks the best epoch: top1 or top5 (default: top1)')
+    group.add_argument('--log-wandb', action='store_true', default=False,
+                       help='also send the per-epoch metrics to Weights & Biases (needs the wandb package)')
+    group.add_argument('--no-plot', action='store_true', default=False,
+                       help='do not draw curves.png at the end')
 
     return parser
 
 
+def _read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """The option defaults of a `-c` YAML file: keys of this parser are taken; keys of timm's train.py that do not
+    apply here are dropped with one warning; any other key is an error."""
+    try:
+        with open(path, 'r') as f:
+            cfg = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise CliError(f'cannot read the config file {path}: {e}') from e
+    except yaml.YAMLError as e:
+        raise CliError(f'config file {path} is not valid YAML: {e}') from e
+    if not isinstance(cfg, dict):
+        raise CliError(f'config file {path} must be a mapping of option names to values.')
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in cfg if k not in known and k not in TIMM_ONLY_KEYS)
+    if unknown:
+        raise CliError(f'Config {path} sets unknown option(s): {", ".join(unknown)}.')
+    defaults = {a.dest: a.default for a in parser._actions}
+    ignored = sorted(k for k in cfg if k in TIMM_ONLY_KEYS or (k in REFUSED and cfg[k] == defaults[k]))
+    if ignored:
+        _logger.warning(f'Config {path}: ignoring {len(ignored)} timm option(s) that do not apply to this script: '
+                        f'{", ".join(ignored)}.')
+    return {k: v for k, v in cfg.items() if k in known and k not in ignored}
+
+
+def _check_refused(args, parser: argparse.ArgumentParser) -> None:
+    """Stop at a timm option that cannot apply here (set on the command line or in the config), with the reason."""
+    for dest, reason in REFUSED.items():
+        if getattr(args, dest) != parser.get_default(dest) and getattr(args, dest) not in (None, False, 0, ''):
+            flag = next(a.option_strings[0] for a in parser._actions if a.dest == dest)
+            raise CliError(f'{flag} does not apply to co-training: {reason}.')
+    if args.log_wandb and importlib.util.find_spec('wandb') is None:
+        raise CliError('--log-wandb needs the wandb package, which is not installed (pip install wandb).')
+    if args.eval_metric not in ('top1', 'top5'):
+        raise CliError(f'--eval-metric {args.eval_metric}: the best epoch is picked by the ensemble\'s top1 or top5.')
+    if args.aug_repeats and args.member_parallel:
+        raise CliError('--aug-repeats spreads repeats over DDP processes; --member-parallel has none to spread over.')
+
+
 def _parse_args(argv=None):
     parser = create_parser()
-    # Do we have a config file to parse?
+    # `-c FILE` first: its keys become defaults, so that the command line overrides them
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
-        with open(args_config.config, 'r') as f:
-            cfg = yaml.safe_load(f) or {}
-        known = {a.dest for a in parser._actions}
-        unknown = sorted(k for k in cfg if k not in known)
-        if unknown:
-            raise CliError(f'Config {args_config.config} sets unknown option(s): {", ".join(unknown)}.')
-        parser.set_defaults(**cfg)
-
-    # The main arg parser parses the rest of the args, the usual
-    # defaults will have been overridden if config file specified.
+        parser.set_defaults(**_read_config(args_config.config, parser))
     args = parser.parse_args(remaining)
     args.config = args_config.config
+    args.data_dir = resolve_data_dir(args.data, args.data_dir)
+    args.data = None
+    if args.drop_connect is not None and args.drop_path is None:  # timm's old name of the same rate
+        args.drop_path = args.drop_connect
+    _check_refused(args, create_parser())
 
-    # Cache the args as a text string to save them in the output dir later
+    # the resolved options, written to the run folder as args.yaml (a valid -c file)
     args_text = yaml.safe_dump(args.__dict__, default_flow_style=False)
     return args, args_text
 
@@ -345,6 +543,8 @@ def _create_datasets(args):
         raise CliError(f'--dataset {args.dataset!r} needs --data-dir (the image folder root, or the download root of '
                        f'torch/ datasets); only sklearn/digits comes without one.')
     kwargs = dict(download=args.dataset_download)
+    if args.class_map:
+        kwargs['class_map'] = args.class_map
     if digits:
         kwargs = dict(img_size=args.input_size[-1] if args.input_size else (args.img_size or 32))
     datasets = []
@@ -353,9 +553,10 @@ def _create_datasets(args):
             datasets.append(None)
             continue
         try:
+            repeats = dict(repeats=args.epoch_repeats) if is_training and args.epoch_repeats and not digits else {}
             datasets.append(create_dataset(
                 args.dataset, root=args.data_dir, split=split, is_training=is_training,
-                batch_size=args.batch_size, **kwargs))
+                batch_size=args.batch_size, **kwargs, **repeats))
         except (OSError, RuntimeError, ValueError, TypeError, ImportError, AssertionError) as e:
             where = f' in --data-dir {args.data_dir}' if args.data_dir else ''
             raise CliError(f'cannot load the {split!r} split of --dataset {args.dataset!r}{where}: {e}') from e
@@ -365,12 +566,46 @@ def _create_datasets(args):
 
 
 def _create_model(args, num_classes: int) -> nn.Module:
+    """The model of --model with the options that are model arguments, then the starting weights (--pretrained-path,
+    --initial-checkpoint) and the classifier's initial scale / bias."""
     model_kwargs = dict(args.model_kwargs or {})
-    if args.drop is not None:
-        model_kwargs['drop_rate'] = args.drop
-    if args.drop_path is not None:
-        model_kwargs['drop_path_rate'] = args.drop_path
-    return create_model_checked(args.model, pretrained=args.pretrained, num_classes=num_classes, **model_kwargs)
+    options = dict(drop_rate=args.drop, drop_path_rate=args.drop_path, drop_block_rate=args.drop_block,
+                   global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps)
+    model_kwargs.update((k, v) for k, v in options.items() if v is not None)
+    in_chans = args.input_size[0] if args.input_size else args.in_chans
+    if in_chans is not None:
+        model_kwargs['in_chans'] = in_chans
+    pretrained = args.pretrained and not args.pretrained_path  # a --pretrained-path file is loaded below
+    try:
+        model = create_model_checked(args.model, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
+    except CliError as e:
+        if args.drop_block is not None and 'drop_block_rate' in str(e):
+            raise CliError(f'--drop-block: the members of {args.model} have no DropBlock (drop_block_rate); it '
+                           f'applies to timm ResNet members (e.g. splitnet_resnet50_s2).') from e
+        raise
+    for flag, path, strict_head in (('--pretrained-path', args.pretrained_path, False),
+                                    ('--initial-checkpoint', args.initial_checkpoint, True)):
+        if path:
+            try:
+                loaded = load_weights(model, path, strict=True, adapt_head=not strict_head)
+            except ValueError as e:
+                raise CliError(f'{flag}: {e}') from e
+            _logger.info(f'{flag}: loaded {loaded}.')
+    if args.head_init_scale is not None or args.head_init_bias is not None:
+        _init_heads(model, args.head_init_scale, args.head_init_bias)
+    return model
+
+
+def _init_heads(model: nn.Module, scale: Optional[float], bias: Optional[float]) -> None:
+    """--head-init-scale / --head-init-bias on the classifier (of every member of a SplitNet)."""
+    head = model.get_classifier()
+    linears = [m for m in head.modules() if isinstance(getattr(m, 'weight', None), torch.Tensor)]
+    with torch.no_grad():
+        for layer in linears:
+            if scale is not None:
+                layer.weight.mul_(scale)
+            if bias is not None and getattr(layer, 'bias', None) is not None:
+                layer.bias.fill_(bias)
 
 
 def _resolve_views(args, model: nn.Module) -> int:
@@ -397,7 +632,9 @@ def _create_loaders(
     input_size = data_config['input_size']
     crop_mode = args.train_crop_mode or ('pad' if max(input_size[1:]) <= 64 else 'rrc')
     train_interpolation = args.train_interpolation or data_config['interpolation']
-    dataset_train = parallel.train_dataset(dataset_train, num_views)
+    if args.views_on_device:
+        _check_views_on_device(args, crop_mode)
+    dataset_train = parallel.train_dataset(dataset_train, 1 if args.views_on_device else num_views)
     common = dict(
         input_size=input_size,
         mean=data_config['mean'],
@@ -417,27 +654,35 @@ def _create_loaders(
         no_aug=True,
         collate_fn=collate_views if isinstance(dataset_train, MultiViewDataset) and not args.prefetcher else None,
         persistent_workers=False,  # fresh workers every epoch: seeded from the (checkpointed) torch RNG
-        **common,
+        num_aug_repeats=int(args.aug_repeats) if args.aug_repeats else 0,
+        use_multi_epochs_loader=args.use_multi_epochs_loader,
+        worker_seeding=args.worker_seeding,
+        **dict(common, use_prefetcher=args.prefetcher and not args.views_on_device),
     )
     transform_kwargs = dict(
         use_prefetcher=args.prefetcher, mean=data_config['mean'], std=data_config['std'])
-    loader_train.dataset.transform = create_train_transform(
-        input_size,
-        train_crop_mode=crop_mode,
-        padding=max(1, input_size[-1] // 8),  # 'pad' mode: 4 px at 32 px, as CIFAR
-        auto_augment=args.aa,
-        interpolation=train_interpolation,
-        hflip=args.hflip,
-        re_prob=args.reprob,
-        re_mode=args.remode,
-        re_count=args.recount,
-        scale=args.scale,
-        ratio=args.ratio,
-        vflip=args.vflip,
-        color_jitter=args.color_jitter,
-        **transform_kwargs,
-    )
-    if args.prefetcher and args.reprob > 0:
+    if args.views_on_device:  # uint8 images of a fixed size, no random op: the views are made on the device
+        loader_train.dataset.transform = create_decode_transform(input_size, crop_mode)
+    else:
+        loader_train.dataset.transform = create_train_transform(
+            input_size,
+            train_crop_mode=crop_mode,
+            padding=max(1, input_size[-1] // 8),  # 'pad' mode: 4 px at 32 px, as CIFAR
+            auto_augment=args.aa,
+            interpolation=train_interpolation,
+            hflip=args.hflip,
+            re_prob=args.reprob,
+            re_mode=args.remode,
+            re_count=args.recount,
+            scale=args.scale,
+            ratio=args.ratio,
+            vflip=args.vflip,
+            color_jitter=args.color_jitter,
+            **{k: getattr(args, k) for k in ('color_jitter_prob', 'grayscale_prob', 'gaussian_blur_prob')
+               if getattr(args, k) is not None},
+            **transform_kwargs,
+        )
+    if args.prefetcher and args.reprob > 0 and not args.views_on_device:
         # erasing runs per row of the [S * B] batch: every view gets its own box
         if crop_mode == 'pad':
             loader_train.random_erasing = create_random_erasing(
@@ -465,7 +710,28 @@ def _create_loaders(
             **transform_kwargs,
         )
         loader_eval = parallel.loader(loader_eval, is_training=False)
-    return parallel.loader(loader_train, is_training=True), loader_eval, crop_mode
+    loader_train = parallel.loader(loader_train, is_training=True)
+    if args.views_on_device:
+        augment = DeviceViewAugment(
+            num_views, input_size, crop_mode=crop_mode, padding=max(1, input_size[-1] // 8), scale=args.scale,
+            ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, re_prob=args.reprob, re_mode=args.remode,
+            re_count=args.recount, mean=data_config['mean'], std=data_config['std'], seed=args.seed)
+        loader_train = DeviceViewLoader(loader_train, augment, device, rank=args.rank)
+    return loader_train, loader_eval, crop_mode
+
+
+def _check_views_on_device(args, crop_mode: str) -> None:
+    """Refuse what `--views-on-device` cannot do (AutoAugment / RandAugment run on PIL images, on the CPU)."""
+    if args.aa:
+        raise CliError(f'--views-on-device makes the views on the device, but --aa {args.aa} (AutoAugment / '
+                       f'RandAugment) runs on the CPU only: drop one of the two.')
+    if crop_mode not in ('pad', 'rrc'):
+        raise CliError(f'--views-on-device supports --train-crop-mode pad or rrc, not {crop_mode}.')
+    if args.member_parallel:
+        raise CliError('--views-on-device is not supported with --member-parallel (its views are drawn per sample '
+                       'and member on the CPU).')
+    if crop_mode == 'rrc' and args.color_jitter:
+        _logger.info('--views-on-device: colour jitter (--color-jitter) is not applied on the device.')
 
 
 def _resume(args, checkpoint: Dict[str, Any], task: CoTrainingTask, ema: bool = False) -> None:
@@ -479,10 +745,43 @@ def _resume(args, checkpoint: Dict[str, Any], task: CoTrainingTask, ema: bool = 
             f'--resume {args.resume} holds weights of {written_by}, which do not fit --model {args.model}: {e}') from e
 
 
+def scaled_lr(lr_base: float, global_batch: int, base_size: int, scale: str = '', opt: str = 'sgd') -> float:
+    """timm's --lr-base rule: the rate of `base_size` images per step, grown with the global batch, linearly or (the
+    default for adaptive optimizers: Ada*, LAMB) with its square root."""
+    scale = scale or ('sqrt' if any(o in opt.lower() for o in ('ada', 'lamb')) else 'linear')
+    if scale not in ('linear', 'sqrt'):
+        raise CliError(f'--lr-base-scale {scale!r}: expected linear or sqrt.')
+    ratio = global_batch / base_size
+    return lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
+
+
+def _check_resumable(path: str) -> None:
+    """Stop with a pointer to --initial-checkpoint when --resume names weights rather than a training checkpoint."""
+    if not os.path.isfile(path):
+        return  # load_checkpoint_file reports it
+    if not path.endswith('.safetensors'):
+        try:
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception:
+            return  # unreadable: load_checkpoint_file reports it
+        if is_training_checkpoint(checkpoint):
+            return
+    raise CliError(f'--resume {path}: the file holds weights only (no optimizer state or epoch to continue from); '
+                   f'start a new run from them with --initial-checkpoint {path}.')
+
+
 def _train(argv=None) -> int:
     args, args_text = _parse_args(argv)
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
+    for name in args.device_modules or ():
+        importlib.import_module(name)
+    if args.fuser:
+        from timm.utils import set_jit_fuser
+        set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        from timm.layers import set_fast_norm
+        set_fast_norm()
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if args.member_parallel:  # one process per member (group), launched by torchrun, one GPU each
@@ -545,9 +844,14 @@ def _train(argv=None) -> int:
             prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
             label_smoothing=args.smoothing, num_classes=args.num_classes)
     # with mixup the smoothing is in the soft targets, the members' loss is then soft-target CE
+    base_criterion = None
+    if args.bce_loss:  # one-vs-all for every member; timm's BinaryCrossEntropy takes hard and mixed targets
+        base_criterion = BinaryCrossEntropy(
+            smoothing=0. if mixup_fn is not None else args.smoothing, target_threshold=args.bce_target_thresh,
+            sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
     criterion = CoTrainingLoss(
-        cot_weight=args.cot_weight, cot_loss=args.cot_loss, warmup_epochs=args.cot_warmup_epochs,
-        smoothing=0. if mixup_fn is not None else args.smoothing)
+        base_criterion=base_criterion, cot_weight=args.cot_weight, cot_loss=args.cot_loss,
+        warmup_epochs=args.cot_warmup_epochs, smoothing=0. if mixup_fn is not None else args.smoothing)
     task = parallel.create_task(model, criterion, num_views, mixup_fn=mixup_fn, device=device, verbose=primary)
 
     # ----- optimizer (conv / linear weights decayed, BN and biases not: timm's filter_bias_and_bn) -----
@@ -557,8 +861,16 @@ def _train(argv=None) -> int:
         opt_kwargs['eps'] = args.opt_eps
     if args.opt_betas is not None:
         opt_kwargs['betas'] = args.opt_betas
-    optimizer = create_optimizer_v2(
-        model, opt=args.opt, lr=args.lr, weight_decay=weight_decay, momentum=args.momentum, **opt_kwargs)
+    if args.layer_decay is not None:
+        opt_kwargs['layer_decay'] = args.layer_decay
+    if args.lr is None:
+        global_batch = args.batch_size * args.grad_accum_steps * getattr(parallel, 'data_parallel_size', 1)
+        args.lr = scaled_lr(args.lr_base, global_batch, args.lr_base_size, args.lr_base_scale, args.opt)
+        _logger.info(f'Learning rate {args.lr:.4g}: --lr-base {args.lr_base} at {args.lr_base_size} images, scaled '
+                     f'to a global batch of {global_batch}.')
+    with as_cli_error():  # e.g. --layer-decay on a model without a group_matcher
+        optimizer = create_optimizer_v2(
+            model, opt=args.opt, lr=args.lr, weight_decay=weight_decay, momentum=args.momentum, **opt_kwargs)
     _logger.info(
         f'Optimizer {args.opt}: lr {args.lr}, weight decay {weight_decay:.3g} '
         f'({args.weight_decay:g} divided by S={split_factor}: {args.wd_divide}).')
@@ -569,6 +881,7 @@ def _train(argv=None) -> int:
     checkpoint = None
     start_epoch = 0
     if args.resume:
+        _check_resumable(args.resume)
         try:
             checkpoint = load_checkpoint_file(args.resume)
         except (FileNotFoundError, ValueError) as e:
@@ -582,12 +895,18 @@ def _train(argv=None) -> int:
             if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
                 loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
         _logger.info(f'Resumed {args.resume} (epoch {checkpoint.get("epoch")}), continuing at epoch {start_epoch}.')
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
 
     if args.model_ema:
-        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                       device=torch.device('cpu') if args.model_ema_force_cpu else device)
         if checkpoint is not None and 'state_dict_ema' in checkpoint:
             _resume(args, checkpoint, task, ema=True)
 
+    if args.torchcompile and 'auto' in (args.split_backend, backend):
+        raise CliError('--torchcompile with --split-backend auto: the auto backend times its candidates on the first '
+                       'batch, which must not run inside the compiled graph; pass --split-backend loop or packed.')
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         if args.model_ema:
@@ -626,6 +945,9 @@ def _train(argv=None) -> int:
         elif os.path.exists(summary_csv):
             os.remove(summary_csv)  # a fresh run in an existing folder: a new summary
         _logger.info(f'Output folder: {output_dir}')
+        if args.log_wandb:
+            import wandb
+            wandb.init(project=args.experiment or None, config=_plain(vars(args)))
 
     # the random streams continue exactly where the checkpointed run left them (sampler order, augmentation, mixup)
     if checkpoint is not None and checkpoint.get('rng'):
@@ -647,6 +969,8 @@ def _train(argv=None) -> int:
     for epoch in range(start_epoch, num_epochs):
         if hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
+        if hasattr(loader_train, 'set_epoch'):  # --views-on-device: the views' generator
+            loader_train.set_epoch(epoch)
         task.set_epoch(epoch)
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
@@ -673,14 +997,14 @@ def _train(argv=None) -> int:
                 model, loader_eval, device=device, amp_autocast=amp_autocast, channels_last=args.channels_last,
                 distributed=args.distributed, log_interval=args.log_interval, forward_members=task.eval_members_fn,
                 verbose=primary)
-            metric = eval_metrics['top1']
-            if model_ema is not None:
+            metric = eval_metrics[args.eval_metric]
+            if model_ema is not None and not args.model_ema_force_cpu:  # an average on the CPU is not evaluated
                 ema_metrics = validate_members(
                     model_ema, loader_eval, device=device, amp_autocast=amp_autocast,
                     channels_last=args.channels_last, distributed=args.distributed, log_interval=args.log_interval,
                     log_prefix='Test (EMA)', verbose=primary)
                 eval_metrics.update(('ema_' + k, v) for k, v in ema_metrics.items())
-                metric = ema_metrics['top1']
+                metric = ema_metrics[args.eval_metric]
             _log_eval(epoch, eval_metrics)
 
         # collectives where the model is split over the processes: every rank takes part
@@ -693,7 +1017,8 @@ def _train(argv=None) -> int:
             lrs = [group['lr'] for group in optimizer.param_groups]
             update_summary(
                 epoch, train_metrics, eval_metrics, filename=summary_csv, lr=sum(lrs) / len(lrs),
-                write_header=not os.path.exists(summary_csv) or os.path.getsize(summary_csv) == 0)
+                write_header=not os.path.exists(summary_csv) or os.path.getsize(summary_csv) == 0,
+                log_wandb=args.log_wandb)
             if metric is not None and (keeper.best_metric is None or metric > keeper.best_metric):
                 best_eval_metrics = dict(eval_metrics, epoch=epoch)
             state = dict(
@@ -784,6 +1109,40 @@ def _finish(
         print(text, flush=True)
 
 
+def accumulation_schedule(num_batches: int, accum_steps: int) -> Iterator[Tuple[int, bool]]:
+    """How the batches of an epoch share optimizer steps under --grad-accum-steps.
+
+    The batches form consecutive groups of `accum_steps` (the last group may be shorter). Yields, for every batch,
+    the size of its group (each batch's loss is divided by it, so a step sees the group's mean gradient) and whether
+    the optimizer steps after it (the group's last batch).
+    """
+    for first in range(0, num_batches, accum_steps):
+        size = min(accum_steps, num_batches - first)
+        for position in range(size):
+            yield size, position == size - 1
+
+
+def _backward(
+        task: CoTrainingTask,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        loss_scaler: Optional[NativeScaler],
+        args,
+        step: bool,
+) -> None:
+    """Add the batch's gradients; with `step`, clip them (--clip-grad) and update the weights."""
+    if loss_scaler is not None:  # float16: the scaler owns backward, unscaling, clipping and the step
+        loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                    parameters=task.get_trainable_module().parameters(), need_update=step)
+        return
+    loss.backward()
+    if not step:
+        return
+    if args.clip_grad is not None:
+        task.clip_grad(args.clip_grad, args.clip_mode)
+    optimizer.step()
+
+
 def train_one_epoch(
         epoch: int,
         task: CoTrainingTask,
@@ -804,11 +1163,9 @@ def train_one_epoch(
     """
     model = task.get_trainable_module()
     model.train()
-    accum_steps = args.grad_accum_steps
     num_batches = len(loader)
     last_batch_idx = num_batches - 1
-    last_accum_steps = num_batches % accum_steps or accum_steps
-    last_batch_idx_to_accum = num_batches - last_accum_steps
+    schedule = accumulation_schedule(num_batches, args.grad_accum_steps)
     parallel = parallel or DataParallelTraining(args.seed, args.world_size if args.distributed else 1)
 
     # running sums of loss, CE, co-training loss on the device (read at log steps only), images on the host
@@ -821,36 +1178,26 @@ def train_one_epoch(
     data_time = 0.
     optimizer.zero_grad()
     data_end = time.time()
-    for batch_idx, (input, target) in enumerate(loader):
+    for batch_idx, ((input, target), (group_size, step_after)) in enumerate(zip(loader, schedule)):
         last_batch = batch_idx == last_batch_idx
-        need_update = last_batch or (batch_idx + 1) % accum_steps == 0
-        if batch_idx >= last_batch_idx_to_accum:
-            accum_steps = last_accum_steps
         if not args.prefetcher:
             input, target = input.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
+        input = prepare_batch(input, args.channels_last)  # CUDA: the raw batch stays valid for queued kernels
         data_time += time.time() - data_end
 
-        with (task.no_sync() if args.distributed and not need_update else nullcontext()):
+        # DDP averages gradients only on the batch that ends a group; the others just add to .grad
+        with (task.no_sync() if args.distributed and not step_after else nullcontext()):
             with amp_autocast():
                 result = task(input, target)
             loss = result['loss']
-            if loss_scaler is not None:
-                loss_scaler(
-                    loss / accum_steps, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                    parameters=model.parameters(), need_update=need_update)
-            else:
-                (loss / accum_steps).backward()
-                if need_update:
-                    if args.clip_grad is not None:
-                        task.clip_grad(args.clip_grad, args.clip_mode)
-                    optimizer.step()
-        if need_update:
+            _backward(task, loss / group_size, optimizer, loss_scaler, args, step=step_after)
+        if step_after:
             optimizer.zero_grad()
             num_updates += 1
             task.update_ema(step=num_updates)
             lr_scheduler.step_update(num_updates=num_updates)
+            if getattr(args, 'synchronize_step', False) and device.type == 'cuda':
+                torch.cuda.synchronize(device)
 
         batch_size = result['batch_size']  # images, not S x images
         nonfinite |= ~torch.isfinite(loss.detach())

@@ -10,9 +10,10 @@ of the paper's Table 9 (mean / max of logits, mean / max of softmax probabilitie
         --pretrained-path resnet50_s2.safetensors --amp --devices cuda:0,cuda:1
 
 Flags follow timm's `validate.py` where timm has the flag. `--devices` places member i on device i mod n and runs the
-members concurrently in threads of this process (`timm_splitnet.parallel.concurrent.ConcurrentMembers`); `--member-parallel`
-under torchrun places member i on rank i mod N, one process per member (group), and gathers the logits over the
-processes (`timm_splitnet.parallel.member_parallel`); rank 0 reports. Accuracies are the same as sequential either way.
+members concurrently in threads of this process (`timm_splitnet.parallel.concurrent.ConcurrentMembers`);
+`--member-parallel` under torchrun places member i on rank i mod N, one process per member (group), and gathers the
+logits over the processes (`timm_splitnet.parallel.member_parallel`); rank 0 reports. Accuracies are the same as
+sequential either way.
 
 The same pass gives the calibration of the ensemble and of every member (`nll`, `brier`, `ece`; 15 equal-width bins of
 the top-1 confidence) and the members' diversity (`disagreement`, `pairwise_kl`), see `timm_splitnet.utils.metrics`;
@@ -42,11 +43,12 @@ from timm.utils import AverageMeter, accuracy
 
 import timm_splitnet  # noqa: F401  registers the splitnet_* models
 from timm_splitnet import SplitNet, count_params, load_safetensors
+from timm_splitnet.utils import prepare_batch
 from timm_splitnet.cli import (
     CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
     cli_session, create_model_checked, expand_model_names, finish_member_parallel, init_member_parallel_checked,
     model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices, resolve_amp_dtype,
-    resolve_device_checked, set_split_backend,
+    resolve_data_dir, resolve_device_checked, set_split_backend,
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers
 from timm_splitnet.utils.metrics import ENSEMBLE_MANNERS, CalibrationMeter, EnsembleMetrics
@@ -141,12 +143,15 @@ def split_accuracies(
         {'member0': [top1, top5], ..., 'ens_mean': [...], 'ens_max': [...], ...}.
     """
     topk = tuple(min(k, logits.shape[-1]) for k in topk)
-    out = OrderedDict()
+    accs = OrderedDict()
     for name in manners:
-        out[f'ens_{name}'] = [a.item() for a in accuracy(ensemble_output(logits, name), target, topk=topk)]
+        accs[f'ens_{name}'] = accuracy(ensemble_output(logits, name), target, topk=topk)
     for i in range(logits.shape[0]):
-        out[f'member{i}'] = [a.item() for a in accuracy(logits[i].float(), target, topk=topk)]
-    return out
+        accs[f'member{i}'] = accuracy(logits[i].float(), target, topk=topk)
+    # one host sync for all of them (not one per accuracy)
+    values = torch.stack([torch.as_tensor(a, device=logits.device) for v in accs.values() for a in v]).tolist()
+    k = len(topk)
+    return OrderedDict((key, values[j * k:(j + 1) * k]) for j, key in enumerate(accs))
 
 
 def ensemble_loss(output: torch.Tensor, target: torch.Tensor, softmax: bool) -> torch.Tensor:
@@ -181,7 +186,7 @@ def load_weights(model: nn.Module, checkpoint: str, use_ema: bool = False) -> No
 
 def check_data_root(args) -> str:
     """The dataset root; for folder datasets it must exist (checked before any model is built)."""
-    root = args.data_dir or args.data
+    root = resolve_data_dir(args.data, args.data_dir)
     if not args.dataset or args.dataset.startswith(('folder', 'imagefolder', 'tar')):
         if not root:
             raise CliError('no dataset given: pass the data folder as DIR or --data-dir DIR.')
@@ -296,6 +301,9 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
     devices = parse_devices_checked(args.devices) if args.devices else None
     device = devices[0] if devices else resolve_device_checked(args.device)
     amp_dtype = resolve_amp_dtype(args.amp_dtype) if args.amp else None
+    if device.type == 'cuda':  # as timm's validate.py: latencies comparable with timm's
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     kwargs = model_kwargs(args)
     pretrained = args.pretrained or bool(args.pretrained_path)
@@ -388,8 +396,7 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
                 if args.no_prefetcher:
                     images = images.to(device)
                     target = target.to(device)
-                if args.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
+                images = prepare_batch(images, args.channels_last)  # CUDA: valid until queued kernels finish
                 with amp_autocast():
                     out = forward(images)
                 if real_samples is not None:  # after the forward: every rank of the replica runs every batch

@@ -43,6 +43,7 @@ HEAD_SCALE = 30.
 def make_model(split_factor: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = timm.create_model(f'splitnet_resnet110_s{split_factor}', layers=(1, 1, 1), num_classes=5, drop_rate=0.)
+    model.set_cotraining(True)  # train mode: the member logits [S, B, C] (the member-parallel model keeps it)
     with torch.no_grad():
         for member in model.models:
             member.get_classifier().weight.mul_(HEAD_SCALE)

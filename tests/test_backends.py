@@ -55,6 +55,8 @@ def make_pair(member, split_factor, member_kwargs, backend='packed', num_classes
                 p.normal_(0.5 if name.endswith('weight') and p.ndim == 1 else 0., 0.3)
                 q.copy_(p)
     model.set_split_backend(backend)
+    model.set_cotraining(True)  # train mode: the member logits [S, B, C], compared member by member
+    ref.set_cotraining(True)
     return model, ref
 
 

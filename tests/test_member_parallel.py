@@ -90,7 +90,13 @@ def test_single_process_model_matches_splitnet():
     ref = _tiny(2)
     mp_model = MemberParallelSplitNet(copy.deepcopy(ref), MemberParallelPlan.from_process_group(2))
     x = torch.randn(3, 6, 16, 16)
-    torch.testing.assert_close(mp_model(x), ref(x))
+    out = mp_model(x)  # train mode without co-training: the mean [B, C]
+    assert out.shape == (3, 5)
+    torch.testing.assert_close(out, ref(x))
+    ref.set_cotraining(True), mp_model.set_cotraining(True)
+    out = mp_model(x)  # with co-training: the member logits [S, B, C] (same number of BN updates on both sides)
+    assert out.shape == (2, 3, 5)
+    torch.testing.assert_close(out, ref(x))
     ref.eval(), mp_model.eval()
     torch.testing.assert_close(mp_model(x[:, :3]), ref(x[:, :3]))
     state = gather_state_dict(mp_model)
@@ -104,6 +110,7 @@ def test_single_process_model_matches_splitnet():
 
 def test_single_process_optimizer_state_round_trip():
     ref = _tiny(2)
+    ref.set_cotraining(True)  # train mode: the member logits [S, B, C] (the member-parallel model keeps it)
     mp_model = MemberParallelSplitNet(copy.deepcopy(ref), MemberParallelPlan.from_process_group(2))
     opts = [create_optimizer_v2(m, opt='adamw', lr=1e-2, weight_decay=0.05) for m in (ref, mp_model)]
     x, y = torch.randn(4, 6, 16, 16), torch.randint(0, 5, (4,))

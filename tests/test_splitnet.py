@@ -147,6 +147,7 @@ def test_every_model_builds(name):
 
 def test_train_mode_member_logits_and_views():
     m = tiny(2).train()
+    m.set_cotraining(True)
     x = torch.randn(4, 3, 32, 32)
     assert m(x).shape == (2, 4, 5)
     views = torch.randn(4, 6, 32, 32)
@@ -219,6 +220,7 @@ def test_create_model_kwargs_are_divided():
     first_conv = m.get_submodule(m.pretrained_cfg['first_conv'][0])
     assert m.num_classes == 10 and first_conv.in_channels == 1
     assert m.models[0].drop_rate == pytest.approx(0.1)
+    m.set_cotraining(True)
     assert m(torch.randn(2, 4, 32, 32)).shape == (4, 2, 10)
 
 

@@ -1,17 +1,8 @@
-""" Command line plumbing shared by the SplitNet scripts (validate.py, benchmark.py, train.py)
+""" Command-line plumbing shared by train.py, validate.py and benchmark.py
 
-* errors: `CliError` is bad input, reported by `cli_errors(prog)` as one line (`<prog>: error: ...`) and a non-zero
-  exit without a traceback; `as_cli_error()` turns a library's ValueError into one;
-* arguments: `add_model_args`, `add_input_args`, `add_results_args`, `add_member_parallel_args` (argparse groups);
-* models: `expand_model_names` (`--model` / `--model-list` with wildcards), `create_model_checked` (unknown names
-  with close matches), `model_kwargs`, `set_split_backend`, `model_gmacs` (counted on the meta device);
-* devices and precision: `resolve_device_checked`, `parse_devices_checked`, `resolve_amp_dtype`, `autocast_factory`;
-* results and logging: `write_results` (CSV / JSON), `print_results`, `setup_logging`;
-* a script's `main`: `cli_session(prog, member_parallel)` (logging, errors, the torchrun check; yields the rank);
-* member-parallel runs under torchrun: `check_torchrun_env`, `check_rank_device`, `init_member_parallel_checked`,
-  `rank_devices`, `finish_member_parallel`.
-
-Hacked together by the timm-splitnet authors
+Argument groups, model creation with helpful errors, devices and precision, results files, logging, and the
+torchrun / member-parallel session of a script. `CliError` is bad input, reported as one line by `cli_errors`;
+`as_cli_error` turns a library's ValueError / RuntimeError into one.
 """
 import argparse
 import csv
@@ -19,6 +10,7 @@ import difflib
 import json
 import logging
 import os
+import re
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
@@ -33,12 +25,13 @@ from .parallel.concurrent import parse_devices, resolve_device
 from .parallel.member_parallel import MemberParallelPlan, MemberParallelSplitNet, init_member_parallel
 from .task.distributed import select_split_backend
 from .utils.flops import count_macs
-from .models import SplitNet
+from .models import SPLIT_ARCHS, SplitNet, create_splitnet, member_kwargs
 
 __all__ = [
     'CliError', 'cli_errors', 'as_cli_error', 'cli_session', 'add_model_args', 'add_input_args', 'add_results_args',
-    'add_member_parallel_args', 'is_wildcard', 'expand_model_names', 'check_model_name', 'create_model_checked',
-    'model_kwargs', 'set_split_backend', 'model_gmacs', 'resolve_device_checked', 'parse_devices_checked',
+    'add_member_parallel_args', 'resolve_data_dir', 'is_wildcard', 'expand_model_names', 'parse_splitnet_name',
+    'check_model_name', 'create_any_model', 'create_model_checked', 'model_kwargs', 'set_split_backend',
+    'model_gmacs', 'resolve_device_checked', 'parse_devices_checked',
     'resolve_amp_dtype', 'autocast_factory', 'write_results', 'print_results', 'setup_logging', 'TORCHRUN_ENV',
     'torchrun_rank', 'check_torchrun_env', 'check_rank_device', 'init_member_parallel_checked', 'rank_devices',
     'finish_member_parallel',
@@ -131,6 +124,17 @@ def add_member_parallel_args(parser: argparse.ArgumentParser) -> argparse._Argum
     return group
 
 
+def resolve_data_dir(positional: Optional[str], option: Optional[str]) -> Optional[str]:
+    """The data folder given as the positional DIR (timm's form) or as --data-dir; both may name the same folder.
+
+    Raises:
+        CliError: Both are given and name different folders.
+    """
+    if positional and option and os.path.abspath(positional) != os.path.abspath(option):
+        raise CliError(f'two data folders given: DIR {positional!r} and --data-dir {option!r}; pass one of them.')
+    return option or positional or None
+
+
 # ----- models -----
 
 def is_wildcard(name: str) -> bool:
@@ -167,20 +171,52 @@ def expand_model_names(model: Optional[str] = None, model_list: str = '') -> Lis
     return list(dict.fromkeys(out))
 
 
+_SPLITNET_NAME = re.compile(r'^splitnet_(?P<arch>.+)_s(?P<split_factor>\d+)$')
+
+
+def parse_splitnet_name(name: str) -> Optional[Tuple[str, int]]:
+    """(arch, S) of a `splitnet_<arch>_s<S>` name whose arch is a known SplitNet architecture, else None.
+
+    Only S = 1, 2, 4 are registered in timm; this name form reaches every S a division rule defines.
+    """
+    match = _SPLITNET_NAME.match(name)
+    if match is None or match['arch'] not in SPLIT_ARCHS:
+        return None
+    return match['arch'], int(match['split_factor'])
+
+
 def check_model_name(name: str) -> None:
-    """Raise a CliError listing close matches when `name` is not a registered timm model."""
+    """Raise a CliError when `name` is neither a registered timm model nor `splitnet_<arch>_s<S>` of a known arch.
+
+    The error lists close matches; an S that the division rule of a known arch does not define gives the rule's
+    message (the supported S).
+    """
     if ':' in name or timm.is_model(name):  # hf-hub:, local-dir: ... are resolved by timm
+        return
+    parsed = parse_splitnet_name(name)
+    if parsed is not None:
+        with as_cli_error():
+            member_kwargs(*parsed)
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
     hint = f' Did you mean: {", ".join(close)}?' if close else ' See timm.list_models() (or "splitnet_*").'
     raise CliError(f'unknown model {name!r}.{hint}')
 
 
+def create_any_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """`timm.create_model`, plus `splitnet_<arch>_s<S>` names of S values that are not registered (built by
+    `create_splitnet`)."""
+    parsed = None if timm.is_model(name) else parse_splitnet_name(name)
+    if parsed is not None:
+        return create_splitnet(*parsed, pretrained=pretrained, **{k: v for k, v in kwargs.items() if v is not None})
+    return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
 def create_model_checked(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """`timm.create_model` with bad names and bad kwargs reported as a CliError."""
+    """`create_any_model` with bad names and bad kwargs reported as a CliError."""
     check_model_name(name)
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        return create_any_model(name, pretrained=pretrained, **kwargs)
     except (RuntimeError, ValueError, TypeError, FileNotFoundError, KeyError) as e:
         raise CliError(f'could not create model {name!r}: {e}') from e
 
@@ -214,7 +250,7 @@ def model_gmacs(
         kwargs.setdefault('num_classes', model.num_classes)  # e.g. the head of --pretrained-path weights
     try:
         with torch.device('meta'):
-            meta_model = timm.create_model(name, pretrained=False, **kwargs)
+            meta_model = create_any_model(name, pretrained=False, **kwargs)
         return round(count_macs(meta_model, tuple(input_size)) / 1e9, 4)
     except Exception as e:  # some models cannot run on meta tensors
         _logger.debug(f'MAC count on the meta device failed for {name}: {e}')

@@ -3,6 +3,7 @@
 Importing this package changes nothing in timm (the posterize fix is applied to each transform built here).
 See docs/data.md.
 """
+from .device_views import DeviceViewAugment, DeviceViewLoader, create_decode_transform, device_view_seed
 from .dataset import FOLDER_LAYOUT, DigitsDataset, SkipBadSamples, create_dataset
 from .transforms import (
     CIFAR10_MEAN,

@@ -1,17 +1,9 @@
-""" Co-training losses for SplitNet (divide and co-train)
+""" Co-training losses of SplitNet: `loss = sum_i CE(z_i, y) + w(epoch) * cot(z_1, ..., z_S)`
 
-The S members of a SplitNet see different augmented views of each image. Training minimises the sum of the members'
-classification losses plus a weighted co-training term that pulls their predictions together:
+`cot` is the Jensen-Shannon divergence of the members' softmax outputs (paper eq. 4) or a deep-mutual-learning sum
+of pairwise KL divergences with detached peers; `w` ramps up linearly over the first epochs.
 
-    loss = sum_i criterion(z_i, y) + w(epoch) * cot(z_1, ..., z_S)
-
-with ``cot`` the Jensen-Shannon divergence of the members' softmax outputs (paper Eq. 4) or, as an alternative, a
-deep-mutual-learning style sum of pairwise KL divergences with detached peers. ``w`` ramps up linearly over the first
-epochs as in the reference implementation.
-
-Papers:
-    SplitNet: Divide and Co-training - https://arxiv.org/abs/2011.14660
-    Deep Mutual Learning - https://arxiv.org/abs/1706.00384
+Papers: SplitNet, https://arxiv.org/abs/2011.14660; Deep Mutual Learning, https://arxiv.org/abs/1706.00384
 """
 import logging
 import math

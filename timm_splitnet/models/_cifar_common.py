@@ -1,14 +1,17 @@
 """ Shared pieces of the CIFAR member backbones
 
-`CifarBackbone` (the timm classifier API: head, `get_classifier`, `reset_classifier`, `forward_head`, `forward`),
-`init_weights_cifar`, `cifar_cfg` (CIFAR-100, 32x32 inputs) and `reset_classifier_head`. See docs/models.md.
+`CifarBackbone` (the timm classifier API: head, `get_classifier`, `reset_classifier`, `forward_head`, `forward`,
+and timm's feature API `forward_intermediates` / `prune_intermediate_layers`), `init_weights_cifar`, `cifar_cfg`
+(CIFAR-100, 32x32 inputs) and `reset_classifier_head`. See docs/models.md.
 """
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from timm.layers import create_classifier, get_device_dtype
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
 
 from ..data.transforms import CIFAR100_MEAN, CIFAR100_STD
 
@@ -84,8 +87,15 @@ class CifarBackbone(nn.Module):
     Subclasses set `num_classes` and build their layers in `__init__`, call `_init_head` once the number of output
     features is known, and implement `forward_features`. `set_grad_checkpointing` toggles `self.grad_checkpointing`,
     which `forward_features` of a staged model reads; models that checkpoint otherwise override it.
+
+    timm's feature API (`forward_intermediates`, `prune_intermediate_layers`, `features_only=True` through
+    `feature_cls='getter'`) is derived from `feature_levels`: the modules that run, in order, up to each entry of
+    `feature_info`, and `final_modules`: those after the last level up to the `forward_features` output (the final
+    norm / activation).
     """
     classifier_attr: str = 'fc'  # module name of the classifier (its state-dict key prefix)
+    feature_levels: Sequence[Sequence[str]] = ()  # module names run up to each feature_info entry
+    final_modules: Sequence[str] = ()  # module names after the last level (the `norm` of forward_intermediates)
 
     def _init_head(
             self,
@@ -130,6 +140,86 @@ class CifarBackbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled NCHW feature map, implemented by each model."""
         raise NotImplementedError
+
+    def _run_modules(self, names: Sequence[str], x: torch.Tensor) -> torch.Tensor:
+        for name in names:
+            module = self.get_submodule(name)
+            if getattr(self, 'grad_checkpointing', False) and isinstance(module, nn.Sequential) \
+                    and not torch.jit.is_scripting():
+                x = checkpoint_seq(module, x)  # per block, as forward_features
+            else:
+                x = module(x)
+        return x
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features that returns the intermediates of the `feature_info` levels.
+
+        Args:
+            x: Input image tensor.
+            indices: Take the last n levels if int, all if None, the listed levels if a sequence.
+            norm: Apply the final norm / activation (`final_modules`) to the last level.
+            stop_early: Stop after the last requested level.
+            output_fmt: Shape of the intermediates, only 'NCHW'.
+            intermediates_only: Return the intermediates only.
+
+        Returns:
+            The `forward_features` output and the list of intermediates, or the intermediates only.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        num_levels = len(self.feature_levels)
+        take_indices, max_index = feature_take_indices(num_levels, indices)
+        last_run = max_index if stop_early else num_levels - 1
+        for level_idx, names in enumerate(self.feature_levels[:last_run + 1]):
+            x = self._run_modules(names, x)
+            if level_idx in take_indices:
+                is_last = level_idx == num_levels - 1
+                intermediates.append(self._run_modules(self.final_modules, x) if norm and is_last else x)
+        if intermediates_only:
+            return intermediates
+        if last_run == num_levels - 1:
+            x = self._run_modules(self.final_modules, x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Prune the layers the requested levels do not need (empty `nn.Sequential`s take their place).
+
+        Args:
+            indices: Levels to keep (as `forward_intermediates`).
+            prune_norm: Prune the final norm / activation.
+            prune_head: Prune the classifier head.
+
+        Returns:
+            The absolute indices of the kept levels.
+        """
+        num_levels = len(self.feature_levels)
+        take_indices, max_index = feature_take_indices(num_levels, indices)
+        prune_end = max_index < num_levels - 1
+        pruned = [n for names in self.feature_levels[max_index + 1:] for n in names]
+        if prune_norm or prune_end:
+            pruned += list(self.final_modules)
+        for name in pruned:
+            parent, _, attr = name.rpartition('.')
+            setattr(self.get_submodule(parent) if parent else self, attr, nn.Sequential())
+        if prune_end:
+            # the features now end at the last kept level, the head is sized for the final features so it goes too
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '')
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Global pooling, dropout and classifier.

@@ -79,6 +79,7 @@ class CifarDenseNet(CifarBackbone):
             ('norm0', norm_act_layer(num_features, **dd)),
         ]))
         self.feature_info = [dict(num_chs=num_features, reduction=1, module='features.norm0')]
+        self.feature_levels = [('features.conv0', 'features.norm0')]
 
         # Dense blocks and transitions
         current_stride = 1
@@ -95,10 +96,12 @@ class CifarDenseNet(CifarBackbone):
             )
             module_name = f'denseblock{i + 1}'
             self.features.add_module(module_name, block)
+            level = ([f'features.transition{i}'] if i else []) + ['features.' + module_name]
             num_features = num_features + num_layers * growth_rate
             if i != len(block_config) - 1:
                 self.feature_info += [
                     dict(num_chs=num_features, reduction=current_stride, module='features.' + module_name)]
+                self.feature_levels += [tuple(level)]
                 current_stride *= 2
                 num_out_features = int(math.floor(num_features * compression))
                 trans = DenseTransition(
@@ -113,6 +116,7 @@ class CifarDenseNet(CifarBackbone):
         # Final BN-ReLU
         self.features.add_module('norm_final', norm_act_layer(num_features, **dd))
         self.feature_info += [dict(num_chs=num_features, reduction=current_stride, module='features.norm_final')]
+        self.feature_levels += [tuple(level) + ('features.norm_final',)]  # the last level ends with the final norm
 
         # Head (pooling and classifier)
         self._init_head(num_features, global_pool=global_pool, drop_rate=drop_rate, **dd)
@@ -153,7 +157,7 @@ def _create_cifar_densenet(variant: str, pretrained: bool = False, **kwargs) -> 
         CifarDenseNet,
         variant,
         pretrained,
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3)),
+        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
         **kwargs,
     )
 

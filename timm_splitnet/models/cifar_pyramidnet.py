@@ -202,6 +202,7 @@ class CifarPyramidNet(CifarBackbone):
         self.conv1 = nn.Conv2d(in_chans, base_width, kernel_size=3, stride=1, padding=1, bias=False, **dd)
         self.bn1 = norm_layer(base_width, **dd)
         self.feature_info = [dict(num_chs=base_width, reduction=1, module='bn1')]
+        self.feature_levels = [('conv1', 'bn1')]
 
         # Stages: the bottleneck width grows by add_rate per block, rounded to an integer
         net_num_blocks = sum(layers)
@@ -233,10 +234,12 @@ class CifarPyramidNet(CifarBackbone):
             stage_name = f'layer{stage_idx + 1}'
             self.add_module(stage_name, nn.Sequential(*blocks))
             self.feature_info += [dict(num_chs=in_chs, reduction=net_stride, module=stage_name)]
+            self.feature_levels += [(stage_name,)]
 
         # Final BN-ReLU, head (pooling and classifier)
         self.bn_final = norm_layer(in_chs, **dd)
         self.act_final = act_layer(inplace=True)
+        self.final_modules = ('bn_final', 'act_final')
         self._init_head(in_chs, global_pool=global_pool, drop_rate=drop_rate, **dd)
 
         self.init_weights()
@@ -274,7 +277,8 @@ class CifarPyramidNet(CifarBackbone):
 
 def _create_cifar_pyramidnet(variant: str, pretrained: bool = False, **kwargs) -> CifarPyramidNet:
     return build_model_with_cfg(
-        CifarPyramidNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+        CifarPyramidNet, variant, pretrained, feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+        **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -91,6 +91,7 @@ class CifarResNet(CifarBackbone):
         self.bn1 = norm_layer(stem_width, **dd)
         self.act1 = act_layer(inplace=True)
         self.feature_info = [dict(num_chs=stem_width, reduction=1, module='act1')]
+        self.feature_levels = [('conv1', 'bn1', 'act1')]
 
         # Stages
         inplanes = stem_width
@@ -126,6 +127,7 @@ class CifarResNet(CifarBackbone):
             stage_name = f'layer{stage_idx + 1}'
             self.add_module(stage_name, nn.Sequential(*blocks))
             self.feature_info += [dict(num_chs=outplanes, reduction=net_stride, module=stage_name)]
+            self.feature_levels += [(stage_name,)]
 
         # Head (pooling and classifier)
         self._init_head(inplanes, global_pool=global_pool, drop_rate=drop_rate, **dd)
@@ -165,7 +167,8 @@ class CifarResNet(CifarBackbone):
 
 
 def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> CifarResNet:
-    return build_model_with_cfg(CifarResNet, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+    return build_model_with_cfg(
+        CifarResNet, variant, pretrained, feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)), **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

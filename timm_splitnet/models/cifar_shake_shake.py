@@ -197,6 +197,7 @@ class CifarShakeShake(CifarBackbone):
         self.conv1 = nn.Conv2d(in_chans, stem_width, kernel_size=3, stride=1, padding=1, bias=True, **dd)
         self.bn1 = norm_layer(stem_width, **dd)
         self.feature_info = [dict(num_chs=stem_width, reduction=1, module='bn1')]
+        self.feature_levels = [('conv1', 'bn1')]
 
         # Stages
         in_chs = stem_width
@@ -224,9 +225,11 @@ class CifarShakeShake(CifarBackbone):
             stage_name = f'layer{stage_idx + 1}'
             self.add_module(stage_name, nn.Sequential(*blocks))
             self.feature_info += [dict(num_chs=out_chs, reduction=net_stride, module=stage_name)]
+            self.feature_levels += [(stage_name,)]
 
         # Final ReLU, head (pooling and classifier)
         self.act_final = act_layer(inplace=True)
+        self.final_modules = ('act_final',)
         self._init_head(in_chs, global_pool=global_pool, drop_rate=drop_rate, **dd)
 
         self.init_weights()
@@ -257,7 +260,8 @@ class CifarShakeShake(CifarBackbone):
 
 def _create_cifar_shake_shake(variant: str, pretrained: bool = False, **kwargs) -> CifarShakeShake:
     return build_model_with_cfg(
-        CifarShakeShake, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+        CifarShakeShake, variant, pretrained, feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+        **kwargs)
 
 
 default_cfgs = generate_default_cfgs({

@@ -1,15 +1,17 @@
 """ SplitNet: S width-divided member networks in one timm classifier
 
-`SplitNet` holds S members built by `timm.create_model` with the kwargs of `division.member_kwargs`: member logits
-[S, B, C] in train mode, their ensemble [B, C] in eval mode. `create_splitnet(arch, S)` builds any S the division
+`SplitNet` holds S members built by `timm.create_model` with the kwargs of `division.member_kwargs`: their ensemble
+[B, C] by default, the member logits [S, B, C] in train mode once co-training is switched on (`set_cotraining`, as
+timm's `VisionTransformerDistilled.set_distilled_training`). `create_splitnet(arch, S)` builds any S the division
 rule defines; the registered `splitnet_<arch>_s<S>` entrypoints are in `splitnet_entrypoints.py`. See docs/models.md.
 
 Paper: `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
 
 Hacked together by the timm-splitnet authors
 """
+import logging
 import os
-from typing import Any, Dict, Iterable, List, Optional, Set
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,21 +19,40 @@ import torch.nn as nn
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
+from timm.models._features import FeatureInfo
 
 from ._backends import resolve_backend
 from .division import divide_drop_rate, get_split_arch, member_kwargs
 
-__all__ = ['SplitNet', 'create_splitnet', 'splitnet_cfg', 'splitnet_name', 'ENSEMBLE_MODES', 'REGISTERED_SPLIT_FACTORS']
+__all__ = [
+    'SplitNet', 'create_splitnet', 'splitnet_cfg', 'splitnet_name', 'ensemble_training_message', 'ENSEMBLE_MODES',
+    'REGISTERED_SPLIT_FACTORS',
+]
+
+_logger = logging.getLogger(__name__)
 
 ENSEMBLE_MODES = ('mean', 'max')
 # the S of the registered `splitnet_<arch>_s<S>` entrypoints (splitnet_entrypoints.py)
 REGISTERED_SPLIT_FACTORS = (1, 2, 4)
 
 
+def ensemble_training_message(name: str) -> str:
+    """The one-line warning of a SplitNet trained without co-training (its train-mode forward is the ensemble)."""
+    return (f'{name} is in train mode without co-training: forward returns the mean of the member logits [B, C], so '
+            f'the members are trained as one averaged model, without views or co-training loss. To co-train, use '
+            f"timm_splitnet's train.py, or call model.set_cotraining(True) and train the member logits [S, B, C] "
+            f'with timm_splitnet.CoTrainingLoss.')
+
+
 class SplitNet(nn.Module):
     """S independently initialised member networks trained together and ensembled at inference.
 
     The state dict holds the members as `models.{i}.<member keys>`, whatever the execution backend.
+
+    Like timm's `VisionTransformerDistilled`, the model answers timm's training contract (`loss_fn(model(x),
+    target)`) with one output unless the trainer asks for the members': without co-training (the default) forward
+    returns the mean of the member logits [B, C] in train mode too (and warns once, in train mode with gradients);
+    `set_cotraining(True)` makes train-mode forward return the member logits [S, B, C] for `CoTrainingLoss`.
     """
 
     def __init__(
@@ -90,6 +111,9 @@ class SplitNet(nn.Module):
         self.set_ensemble(ensemble, ensemble_softmax)
         self.split_backend = 'loop'
         self.set_split_backend(split_backend)
+        self.cotraining = False  # must be set True (set_cotraining) to train the member logits [S, B, C]
+        self._warned_ensemble_training = False
+        self.feature_info = self._splitnet_feature_info()
 
     # ----- configuration -----
 
@@ -99,6 +123,14 @@ class SplitNet(nn.Module):
             raise ValueError(f'SplitNet: unknown ensemble {ensemble!r}, expected one of {ENSEMBLE_MODES}.')
         self.ensemble = ensemble
         self.ensemble_softmax = bool(ensemble_softmax)
+
+    @torch.jit.ignore
+    def set_cotraining(self, enable: bool = True) -> None:
+        """Return the member logits [S, B, C] in train mode (co-training), or their mean [B, C] (default).
+
+        Eval mode always returns the ensemble and `forward_members` always the member logits.
+        """
+        self.cotraining = bool(enable)
 
     def set_split_backend(self, name: str = 'loop') -> None:
         """Select how the members are executed; every backend gives the same outputs and gradients.
@@ -188,11 +220,86 @@ class SplitNet(nn.Module):
         if pre_logits or self.num_classes == 0:
             return torch.cat(outs, dim=1)
         logits = torch.stack(outs)
-        return logits if self.training else self.combine(logits)
+        if not self.training:
+            return self.combine(logits)
+        if self.cotraining:
+            return logits
+        self._warn_ensemble_training()
+        return logits.mean(0)  # the trained model is the mean of the logits, whatever the eval ensemble
+
+    def _warn_ensemble_training(self) -> None:
+        if self._warned_ensemble_training or not torch.is_grad_enabled():
+            return
+        if torch.jit.is_scripting() or torch.compiler.is_compiling():
+            return
+        self._warned_ensemble_training = True
+        _logger.warning(ensemble_training_message(self.describe()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Train mode: member logits [S, B, C]. Eval mode: the ensemble [B, C]. Without classifier: features."""
+        """The ensemble [B, C]; member logits [S, B, C] in train mode with co-training on. Without classifier:
+        the members' pooled features concatenated."""
         return self._finish(self.forward_members(x).unbind(0))
+
+    # ----- feature extraction (timm's forward_intermediates API) -----
+
+    def _splitnet_feature_info(self) -> List[Dict[str, Any]]:
+        """Every feature level of the members: S x the member's channels, the member's reduction and module."""
+        info = self.models[0].feature_info
+        dicts = info.get_dicts() if isinstance(info, FeatureInfo) else info
+        return [dict(d, num_chs=self.split_factor * d['num_chs']) for d in dicts]
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """The members' `forward_intermediates`, each level concatenated along channels (member i on view i).
+
+        Args:
+            x: Input image [B, C, H, W] (every member) or views [B, S*C, H, W] (member i sees view i).
+            indices: Take the last n levels if int, all if None, the listed levels if a sequence.
+            norm: Apply the members' final norm to compatible intermediates.
+            stop_early: Stop after the last requested level.
+            output_fmt: Shape of the intermediates ('NCHW').
+            intermediates_only: Return the intermediates only.
+
+        Returns:
+            The concatenated final features and the list of concatenated intermediates, or the intermediates only.
+        """
+        cat_dim = -1 if output_fmt == 'NHWC' else 1
+        outs = [
+            m.forward_intermediates(
+                v, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+                intermediates_only=intermediates_only)
+            for m, v in zip(self.models, self.split_views(x))]
+        if intermediates_only:
+            return [torch.cat(level, dim=cat_dim) for level in zip(*outs)]
+        final = torch.cat([out[0] for out in outs], dim=cat_dim)
+        return final, [torch.cat(level, dim=cat_dim) for level in zip(*(out[1] for out in outs))]
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Prune every member to the layers the requested levels need (the members' `prune_intermediate_layers`).
+
+        Returns:
+            The absolute indices of the kept levels.
+        """
+        take_indices = [
+            m.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head) for m in self.models]
+        member = self.models[0]
+        self.num_classes = member.num_classes
+        self.num_features = self.split_factor * member.num_features
+        self.head_hidden_size = self.split_factor * getattr(member, 'head_hidden_size', member.num_features)
+        self.set_split_backend(str(self.split_backend))  # the members changed: rebuild the backend's caches
+        return take_indices[0]
 
     # ----- weights -----
 
@@ -328,6 +435,8 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
         pretrained,
         pretrained_cfg=pretrained_cfg,
         pretrained_cfg_overlay=overlay or None,
+        # features_only: timm's FeatureGetterNet over forward_intermediates, every level of the members by default
+        feature_cfg=dict(feature_cls='getter', out_indices=None),
         member_name=spec.member,
         split_factor=split_factor,
         member_kwargs=divided,

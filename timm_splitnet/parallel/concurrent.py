@@ -1,17 +1,7 @@
-""" Concurrent execution of SplitNet members on several devices
+""" Concurrent execution of SplitNet members on several devices (paper §5, Fig. 3 / Fig. 6)
 
-The paper's concurrent inference (§5, Fig. 3 / Fig. 6): member i of a SplitNet runs on device i mod n, all members at
-the same time, and their logits are gathered on the first device and ensembled. `ConcurrentMembers` keeps a deep copy
-of every member on its device and runs one host thread per entry of the device list (`concurrent.futures`), so
-
-- `['cuda:0', 'cuda:1']` runs two members on two GPUs at once,
-- `['cuda:0', 'cuda:0']` runs two members on one GPU from two threads (with `streams=True`, on two CUDA streams),
-- `['cpu', 'cpu']` runs two members in two CPU threads (tests; torch releases the GIL inside its kernels).
-
-Grad mode, inference mode and autocast are thread-local in PyTorch: every worker thread re-enters the calling
-thread's grad / inference mode, and runs under autocast when `amp_dtype` is given or autocast is active in the caller.
-
-Hacked together by the timm-splitnet authors
+`ConcurrentMembers` keeps a copy of member i on device i mod n and runs one host thread per device entry, gathering
+the logits on the first device. Notes on threads, streams and autocast: `docs/training.md`.
 """
 import copy
 import threading

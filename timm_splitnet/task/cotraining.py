@@ -1,22 +1,8 @@
-""" Co-training task and member-wise evaluation for timm's task layer
+""" Co-training task (a `timm.task.TrainingTask`) and member-wise evaluation
 
-`CoTrainingTask` is a `timm.task.TrainingTask`: `task(input, target)` runs one SplitNet training forward on a
-multi-view batch and returns the co-training loss and its parts. It owns the SplitNet-specific batch handling, so a
-training script keeps timm's loop unchanged:
-
-* the loader's split-major multi-view batch `[S * B, C, H, W]` (targets repeated S times, timm's `fast_collate`
-  layout) becomes the SplitNet layout `[B, S * C, H, W]` (member i sees channels `i*C .. i*C + C - 1`);
-* Mixup / CutMix run once on that layout: one lambda, one partner and one box shared by all views, soft targets
-  `[B, num_classes]` for every member (`timm_splitnet.data.mixup_views`);
-* the member logits `[S, B, C]` go through `CoTrainingLoss` (sum of the members' CE + weighted JS divergence).
-
-`validate_members` evaluates the ensemble and every member in one pass (the members run once, the ensemble is
-combined from their logits the way the model's eval forward does): accuracies, calibration (NLL, Brier, ECE) and the
-members' diversity (`timm_splitnet.utils.metrics`).
-
-Paper: "SplitNet: Divide and Co-training" (Zhao et al.), https://arxiv.org/abs/2011.14660
-
-Hacked together by the timm-splitnet authors
+`CoTrainingTask` turns a multi-view batch into the SplitNet layout, applies shared mixup and returns the co-training
+loss and its parts; `validate_members` evaluates the ensemble and every member in one pass. Details:
+`docs/training.md`.
 """
 import logging
 import time
@@ -33,6 +19,7 @@ from timm.utils import accuracy, dispatch_clip_grad, unwrap_model
 
 from ..data import mixup_views, views_to_channels
 from ..loss import CoTrainingLoss
+from ..utils.batch import prepare_batch
 from ..utils.metrics import CalibrationMeter, EnsembleMetrics, ensemble_manner
 
 __all__ = ['CoTrainingTask', 'validate_members', 'is_splitnet']
@@ -50,7 +37,8 @@ class CoTrainingTask(TrainingTask):
 
     `forward(input, target)` returns a dict with `loss` (to back-propagate), `loss_ce` (sum of the members'
     classification losses), `loss_cot` (unweighted co-training divergence), `cot_weight` and `output` (ensemble
-    logits, mean over members). A model that is not a SplitNet is trained as a single member (plain CE).
+    logits, mean over members). A model that is not a SplitNet is trained as a single member (plain CE). The task
+    switches co-training on for the SplitNet it trains (`set_cotraining(True)`: member logits in train mode).
 
     EMA, checkpoint state and `no_sync` come from `TrainingTask`; `prepare_distributed` wraps the model in DDP and
     `compile` compiles it, like timm's `ClassificationTask`. What else depends on where the members live is here
@@ -92,6 +80,9 @@ class CoTrainingTask(TrainingTask):
             raise ValueError(
                 f'{type(self).__name__}: num_views must be 1 (same view for every member) or the number of members '
                 f'whose views a sample carries ({members}), got {num_views}.')
+        base = unwrap_model(model)
+        if hasattr(base, 'set_cotraining'):
+            base.set_cotraining(True)  # train mode: the member logits [S, B, C] for the co-training loss
         self.trainable_module = model
         self.criterion = criterion
         self.num_views = num_views
@@ -260,8 +251,7 @@ def validate_members(
     for batch_idx, (input, target) in enumerate(loader):
         input = input.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        if channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
+        input = prepare_batch(input, channels_last)
         with amp_autocast():
             if splitnet:
                 members = forward_members(input)

@@ -1,5 +1,6 @@
 """ Small helpers: safetensors weights and atomic writes, exact-resume training state, parameter / MAC counts,
 calibration and ensemble diversity metrics """
+from .batch import prepare_batch
 from .checkpoint import atomic_save, export_model, load_safetensors, save_safetensors, weights_metadata
 from .flops import count_macs, count_params
 from .metrics import ENSEMBLE_MANNERS, CalibrationMeter, EnsembleMetrics, ensemble_log_probs, ensemble_manner

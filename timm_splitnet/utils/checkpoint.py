@@ -1,21 +1,12 @@
-""" SplitNet weights on disk
+""" SplitNet weights on disk: safetensors with metadata, timm hub export, atomic writes
 
-- `save_safetensors` / `load_safetensors`: the SplitNet state dict (member layout `models.{i}.*`) in a safetensors
-  file whose metadata names the architecture, S and the number of classes, so loading weights of another
-  (arch, S, num_classes) fails with a message naming both sides instead of a partial load.
-- `export_model`: `model.safetensors` + `config.json` (timm's hub layout: `timm.create_model('local-dir:DIR')` and
-  `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=DIR/model.safetensors))` both load it).
-- `atomic_save`: every file is written to a temporary name and renamed, so a kill during a save never leaves a
-  truncated file behind.
-
-Hacked together by the timm-splitnet authors
+Weights of another (arch, S, num_classes) fail with a message naming both sides instead of a partial load.
 """
 import json
 import os
 import tempfile
 from typing import Any, Callable, Dict, Optional
 
-import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file

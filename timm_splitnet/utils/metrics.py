@@ -1,24 +1,8 @@
-""" Streaming calibration and ensemble diversity metrics: NLL, Brier score, ECE, disagreement, pairwise KL
+""" Streaming calibration and diversity metrics: NLL, Brier score, ECE (15 bins), disagreement, pairwise KL
 
-`CalibrationMeter` accumulates the calibration of one predictive distribution, `EnsembleMetrics` that of an ensemble
-(under one or more ensemble manners), of every member and the members' diversity, from member logits `[S, B, C]`.
-All sums stay on the device in float64 (no host sync per batch); `compute()` syncs once.
-
-Definitions (N samples, C classes, p the predictive distribution of a sample, y its class):
-
-* `nll`: mean over samples of `-log p_y` (natural log).
-* `brier`: mean over samples of `sum_c (p_c - 1[c = y])^2` (the multi-class Brier score, in [0, 2]).
-* `ece`: expected calibration error of the top-1 prediction: the confidences `max_c p_c` fall into 15 equal-width
-  bins `((b - 1) / 15, b / 15]`, and `ece = sum_b n_b / N * |acc_b - conf_b|` with `acc_b` the top-1 accuracy and
-  `conf_b` the mean confidence of the `n_b` samples of bin b.
-* `disagreement`: mean over the S (S - 1) / 2 member pairs of the fraction of samples whose top-1 classes differ.
-* `pairwise_kl`: `1 / (S (S - 1)) sum_{i != j} 1 / N sum_n KL(p_i(n) || p_j(n))`, the mean over the ordered member
-  pairs and the samples of the KL divergence (nats) between the members' softmax distributions.
-
-The ensemble distribution of a manner (`ENSEMBLE_MANNERS`, Table 9 of the paper) is, from member logits `l_s`:
-softmax of the mean (`mean`) or of the elementwise max (`max`) of the logits; the mean of the members' softmax
-probabilities (`softmax_mean`, used directly); the elementwise max of the probabilities renormalised to sum to one
-(`softmax_max`).
+`CalibrationMeter` measures one predictive distribution, `EnsembleMetrics` an ensemble (one or more manners), every
+member and the members' diversity from member logits [S, B, C]; sums stay on the device in float64 and `compute()`
+syncs once. Definitions: `docs/training.md` (and README, "Calibration and diversity").
 """
 import math
 from collections import OrderedDict

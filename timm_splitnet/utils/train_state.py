@@ -1,18 +1,6 @@
-""" Training state for exact resumption: RNG states and an atomic checkpoint keeper
+""" Training state for exact resumption (every RNG stream) and an atomic checkpoint keeper
 
-A run resumed from the checkpoint of epoch k must reproduce the uninterrupted run's later epochs. Besides the
-model, optimizer, scheduler, AMP scaler and EMA states, that needs every random stream the data pipeline and the
-model draw from: Python's `random` (RandAugment / AutoAugment op choice), NumPy (timm Mixup's lambda) and torch
-(CPU: shuffling order, loader worker seeds, crops, flips, dropout; CUDA: prefetcher random erasing, dropout).
-`get_rng_state` / `set_rng_state` capture and restore them, per process (`gather_rng_states` collects every rank's
-state so that a DDP run resumes every rank exactly).
-
-`CheckpointKeeper` writes `last.pth.tar` every epoch, `model_best.pth.tar` when the selection metric (ensemble
-top-1) improves, and keeps `checkpoint-<epoch>.pth.tar` for the `max_history` best epochs. Every file is written
-through `timm_splitnet.checkpoint.atomic_save` (temporary file + rename), so a kill or a failing write during a
-save leaves the previous file intact.
-
-Hacked together by the timm-splitnet authors
+See `docs/training.md` for what a resumed run restores.
 """
 import logging
 import os

@@ -3,6 +3,7 @@
 Hacked together by the timm-splitnet authors
 """
 import copy
+import logging
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Union
 
@@ -11,10 +12,13 @@ import torch.nn as nn
 
 from timm.utils import unwrap_model
 
+from ...models.splitnet import ensemble_training_message
 from .collectives import batch_fingerprint, check_same, gather_member_logits
 from .plan import GRAD_MODES, MemberParallelPlan
 
 __all__ = ['MemberParallelSplitNet', 'member_parallel_forward', 'unwrap_member_parallel', 'member_index']
+
+_logger = logging.getLogger(__name__)
 
 
 def member_index(key: str) -> Optional[int]:
@@ -37,9 +41,10 @@ class MemberParallelSplitNet(nn.Module):
 
     Forward (train and eval): `forward_members(x)` runs the owned members on their inputs and all-gathers the
     logits of all S members, [S, B, C] on every rank (a collective: every rank of the replica calls it with a batch
-    of the same samples). `forward` returns them in train mode and their ensemble [B, C] in eval mode, like
-    `SplitNet.forward`. The input is `[B, C, H, W]` (every member sees the same image), `[B, k*C, H, W]` (the views
-    of the k owned members, in member order) or `[B, S*C, H, W]` (all views; each member takes its own).
+    of the same samples). `forward` returns them in train mode with co-training on (`set_cotraining`, taken from the
+    SplitNet) and their ensemble [B, C] otherwise, like `SplitNet.forward`. The input is `[B, C, H, W]` (every
+    member sees the same image), `[B, k*C, H, W]` (the views of the k owned members, in member order) or
+    `[B, S*C, H, W]` (all views; each member takes its own).
     """
 
     def __init__(
@@ -78,6 +83,8 @@ class MemberParallelSplitNet(nn.Module):
         self.ensemble = model.ensemble
         self.ensemble_softmax = model.ensemble_softmax
         self.grad_checkpointing = getattr(model, 'grad_checkpointing', False)
+        self.cotraining = getattr(model, 'cotraining', False)
+        self._warned_ensemble_training = False
         for attr in ('pretrained_cfg', 'default_cfg', 'pretrained_cfg_overlay'):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
@@ -110,6 +117,12 @@ class MemberParallelSplitNet(nn.Module):
     def describe(self) -> str:
         name = (getattr(self, 'pretrained_cfg', None) or {}).get('architecture') or f'SplitNet({self.member_name})'
         return f'{name} (S={self.split_factor}, {self.num_classes} classes), member-parallel {self.plan.describe()}'
+
+    @torch.jit.ignore
+    def set_cotraining(self, enable: bool = True) -> None:
+        """Return all members' logits [S, B, C] in train mode (co-training), or their mean [B, C] (as SplitNet)."""
+        self.cotraining = bool(enable)
+        self._skeleton[0].set_cotraining(enable)
 
     def set_ensemble(self, ensemble: str = 'mean', ensemble_softmax: bool = False) -> None:
         self._skeleton[0].set_ensemble(ensemble, ensemble_softmax)
@@ -178,11 +191,19 @@ class MemberParallelSplitNet(nn.Module):
         return logits.mean(0) if self.ensemble == 'mean' else logits.amax(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Train mode: member logits [S, B, C]. Eval mode: the ensemble [B, C]. Without classifier: features."""
+        """The ensemble [B, C]; member logits [S, B, C] in train mode with co-training on. Without classifier:
+        features."""
         outs = self.forward_members(x)
         if self.num_classes == 0:
             return torch.cat(outs.unbind(0), dim=1)
-        return outs if self.training else self.combine(outs)
+        if not self.training:
+            return self.combine(outs)
+        if self.cotraining:
+            return outs
+        if not self._warned_ensemble_training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self._warned_ensemble_training = True
+            _logger.warning(ensemble_training_message(self.describe()))
+        return outs.mean(0)
 
     # ----- weights -----
 
