@@ -1,48 +1,62 @@
 """ Shared pytest fixtures
 
-``cifar_folder``: a small CIFAR-10 image folder in the ImageNet layout, extracted from ``../shared/data`` (the
-checkout's sibling ``shared/`` folder): ``root/train/<class>/*.jpg`` (20 per class) and
-``root/validation/<class>/*.jpg`` (10 per class, from CIFAR-10's test split), 10 classes. Tests that use it are
-skipped when the tarball is absent.
+``cifar_folder``: a small CIFAR-shaped image folder in the ImageNet layout (32x32 RGB JPEGs, 10 classes), built
+from data that ships with scikit-learn, so that no test needs a file outside the repository:
+``root/train/<class>/*.jpg`` (20 per class, from the train split of ``sklearn/digits``) and
+``root/validation/<class>/*.jpg`` (10 per class, from its validation split), classes ``'0'`` .. ``'9'``. The images
+are those of :class:`timm_splitnet.data.DigitsDataset` (the README demo's data set: the same stratified split, 8x8
+digits upscaled bicubically to 32x32). The last training image of every class is written as a grayscale (mode L)
+JPEG, so the folder readers' conversion to RGB is exercised; tests that need corrupt, truncated or zero-byte files
+copy the folder and add them.
 """
-import tarfile
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
-CIFAR_TARBALL = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'cifar10-jpg.tar.gz'
-CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-CIFAR_TRAIN_PER_CLASS = 20
-CIFAR_VAL_PER_CLASS = 10
+FOLDER_CLASSES = tuple(str(c) for c in range(10))
+FOLDER_TRAIN_PER_CLASS = 20
+FOLDER_VAL_PER_CLASS = 10
+FOLDER_IMG_SIZE = 32
 
 
-def extract_cifar_subset(tarball: Path, root: Path, train_per_class: int, val_per_class: int) -> Path:
-    """Extract the first images per class: tar ``train/`` to ``root/train``, tar ``test/`` to ``root/validation``."""
-    wanted = {'train': ('train', train_per_class), 'test': ('validation', val_per_class)}
-    counts = {}
-    with tarfile.open(tarball) as tf:
-        for member in tf:
-            parts = member.name.split('/')
-            if not member.isfile() or len(parts) != 3 or parts[0] not in wanted or not parts[2].endswith('.jpg'):
-                continue
-            split, cls, fname = parts
-            out_split, limit = wanted[split]
-            if cls not in CIFAR_CLASSES or counts.get((split, cls), 0) >= limit:
-                continue
-            counts[(split, cls)] = counts.get((split, cls), 0) + 1
-            out = root / out_split / cls / fname
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(tf.extractfile(member).read())
-            if len(counts) == 2 * len(CIFAR_CLASSES) and all(
-                    counts[(s, c)] >= wanted[s][1] for s in wanted for c in CIFAR_CLASSES):
-                break
+def build_digits_folder(root: Path, train_per_class: int, val_per_class: int, img_size: int = 32) -> Path:
+    """Write the first images per class of the digits train / validation splits as JPEGs in the ImageNet layout."""
+    from timm_splitnet.data.dataset import DigitsDataset
+    for split, limit in (('train', train_per_class), ('validation', val_per_class)):
+        ds = DigitsDataset(split=split, img_size=img_size)
+        for cls_idx, cls in enumerate(FOLDER_CLASSES):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            picks = np.flatnonzero(ds.targets == cls_idx)[:limit]
+            assert len(picks) == limit, (split, cls)
+            for n, i in enumerate(picks):
+                img = Image.fromarray(ds.images[i])
+                if split == 'train' and n == limit - 1:
+                    img = img.convert('L')  # a grayscale file among RGB ones (sorted last in its class)
+                img.save(folder / f'{int(ds.indices[i]):04d}.jpg', quality=95)
     return root
 
 
 @pytest.fixture(scope='session')
 def cifar_folder(tmp_path_factory) -> Path:
-    """Root of a small CIFAR-10 folder data set with ``train/`` and ``validation/`` splits (see module docstring)."""
-    if not CIFAR_TARBALL.is_file():
-        pytest.skip(f'CIFAR-10 tarball not found at {CIFAR_TARBALL} (the shared/ folder beside the checkout)')
-    root = tmp_path_factory.mktemp('cifar10')
-    return extract_cifar_subset(CIFAR_TARBALL, root, CIFAR_TRAIN_PER_CLASS, CIFAR_VAL_PER_CLASS)
+    """Root of a small CIFAR-shaped folder data set with ``train/`` and ``validation/`` splits (module docstring)."""
+    root = tmp_path_factory.mktemp('digits_folder')
+    return build_digits_folder(root, FOLDER_TRAIN_PER_CLASS, FOLDER_VAL_PER_CLASS, FOLDER_IMG_SIZE)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _torch_threads():
+    """Intra-op threads of the in-process tests: 1 by default (env ``SPLITNET_TEST_THREADS`` overrides).
+
+    The tests run tiny models on tiny batches, where one thread is as fast as two on an idle 2-core machine and
+    many times faster on a busy one (two spinning OpenMP threads per process). Subprocess tests set their own
+    ``OMP_NUM_THREADS``.
+    """
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get('SPLITNET_TEST_THREADS', '1')))
+    yield
+    torch.set_num_threads(threads)

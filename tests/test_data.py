@@ -1,6 +1,9 @@
 import logging
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from timm_splitnet.data import (
     mixup_split_batch,
     mixup_views,
     posterize_safe,
+    use_safe_posterize,
     views_to_channels,
 )
 from timm_splitnet.data import transforms as splitnet_transforms
@@ -214,7 +218,7 @@ def test_random_erasing_uses_cifar_box():
         assert torch.equal(x[0] == 0, x[1] == 0)  # the same box in every channel, value 0 (= the mean)
 
 
-def test_rand_augment_inc1_posterize_never_raises(monkeypatch):
+def test_rand_augment_inc1_posterize_never_raises():
     # cause: PosterizeIncreasing keeps 4 - int(m / 10 * 4) bits, 0 at the clamped magnitude 10 (m9, mstd0.5 reaches
     # it in ~2.3% of the calls), and Pillow >= 13 rejects 0 bits
     assert timm_auto_augment._posterize_increasing_level_to_arg(10., {}) == (0,)
@@ -224,30 +228,65 @@ def test_rand_augment_inc1_posterize_never_raises(monkeypatch):
             PIL.ImageOps.posterize(img, 0)
     assert np.asarray(posterize_safe(img, 0)).max() == 0  # Pillow < 13's (and TF's) result: all bits cleared
     assert np.array_equal(np.asarray(posterize_safe(img, 3)), np.asarray(PIL.ImageOps.posterize(img, 3)))
-    assert AugmentOp('PosterizeIncreasing', prob=1., magnitude=10.)(img).getextrema() == ((0, 0),) * 3
+    op = use_safe_posterize(AugmentOp('PosterizeIncreasing', prob=1., magnitude=10.))
+    assert op(img).getextrema() == ((0, 0),) * 3
 
+    # the fix lives in the built transform's ops: count the 0-bit calls there
+    random.seed(1)
+    np.random.seed(1)  # RandAugment picks its ops with np.random
+    rng = np.random.RandomState(1)
+    transform = splitnet_transforms.create_auto_augment('rand-m9-mstd0.5-inc1', 32)
+    posterize_ops = [op for op in transform.ops if op.name in splitnet_transforms.POSTERIZE_OPS]
+    assert posterize_ops and all(op.aug_fn is posterize_safe for op in posterize_ops)
     zero_bit_calls = []
 
     def counting_posterize(img, bits_to_keep, **kwargs):
         zero_bit_calls.append(bits_to_keep == 0)
         return posterize_safe(img, bits_to_keep, **kwargs)
 
-    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
-        assert timm_auto_augment.NAME_TO_OP[name] is posterize_safe  # patched on import
-        monkeypatch.setitem(timm_auto_augment.NAME_TO_OP, name, counting_posterize)
-    random.seed(1)
-    np.random.seed(1)  # RandAugment picks its ops with np.random
-    rng = np.random.RandomState(1)
-    transform = splitnet_transforms.create_auto_augment('rand-m9-mstd0.5-inc1', 32)
+    for op in posterize_ops:
+        op.aug_fn = counting_posterize
     for _ in range(1500):
         transform(Image.fromarray(rng.randint(0, 256, (32, 32, 3), dtype=np.uint8)))
     assert sum(zero_bit_calls) > 0  # the crashing case was exercised
 
 
+@pytest.mark.parametrize('aa', ['rand-m9-mstd0.5-inc1', 'rand-m1', 'augmix-m5-w4-d2', 'original', 'v0'])
+@pytest.mark.parametrize('crop_mode', ['pad', 'rrc'])
+def test_every_built_auto_augment_posterizes_safely(aa, crop_mode):
+    # timm's own pipeline (create_transform, 'rrc') and ours ('pad') get the fix on their own ops
+    transform = create_train_transform((3, 32, 32), crop_mode, auto_augment=aa)
+    ops = []
+
+    def collect(t):
+        if isinstance(t, AugmentOp):
+            ops.append(t)
+        for child in (t if isinstance(t, (list, tuple)) else
+                      [getattr(t, a) for a in ('transforms', 'ops', 'policy') if hasattr(t, a)]):
+            collect(child)
+
+    collect(transform)
+    posterize_ops = [op for op in ops if op.name in splitnet_transforms.POSTERIZE_OPS]
+    assert ops and posterize_ops and all(op.aug_fn is posterize_safe for op in posterize_ops)
+    assert all(timm_auto_augment.NAME_TO_OP[n] is not posterize_safe for n in splitnet_transforms.POSTERIZE_OPS)
+    img = Image.fromarray(np.full((32, 32, 3), 120, dtype=np.uint8))
+    for op in posterize_ops:
+        for magnitude in (0., 10.):
+            op.magnitude, op.prob, op.magnitude_std = magnitude, 1., 0.
+            op(img)
+
+
+def test_import_leaves_timm_tables_untouched():
+    code = (
+        'import timm.data.auto_augment as a; before = dict(a.NAME_TO_OP); levels = dict(a.LEVEL_TO_ARG); '
+        'import timm_splitnet; assert a.NAME_TO_OP == before and a.LEVEL_TO_ARG == levels, "timm patched"')
+    subprocess.run([sys.executable, '-c', code], check=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+
+
 # --- data sets --------------------------------------------------------------------------------------------------
 
 
-def _small_copy(cifar_folder: Path, dst: Path, classes=('cat', 'dog')) -> Path:
+def _small_copy(cifar_folder: Path, dst: Path, classes=('0', '1')) -> Path:
     for cls in classes:
         shutil.copytree(cifar_folder / 'train' / cls, dst / 'train' / cls)
     return dst
@@ -255,10 +294,10 @@ def _small_copy(cifar_folder: Path, dst: Path, classes=('cat', 'dog')) -> Path:
 
 def test_bad_images_are_skipped_with_warning(cifar_folder, tmp_path, caplog):
     root = _small_copy(cifar_folder, tmp_path)
-    good = sorted((root / 'train' / 'cat').glob('*.jpg'))[0].read_bytes()
-    truncated = root / 'train' / 'cat' / '0000_truncated.jpg'  # header intact: opens, fails only when decoded
+    good = sorted((root / 'train' / '0').glob('*.jpg'))[0].read_bytes()
+    truncated = root / 'train' / '0' / '0000_truncated.jpg'  # header intact: opens, fails only when decoded
     truncated.write_bytes(good[:int(len(good) * 0.8)])
-    garbage = root / 'train' / 'dog' / '0000_garbage.jpg'
+    garbage = root / 'train' / '1' / '0000_garbage.jpg'
     garbage.write_bytes(b'this is not an image' * 10)
 
     ds = create_dataset('', root=str(root), split='train')
@@ -284,9 +323,9 @@ def test_bad_images_are_skipped_with_warning(cifar_folder, tmp_path, caplog):
 
 
 def test_too_many_bad_images_raise(cifar_folder, tmp_path):
-    root = _small_copy(cifar_folder, tmp_path, classes=('cat',))
+    root = _small_copy(cifar_folder, tmp_path, classes=('0',))
     for i in range(3):
-        (root / 'train' / 'cat' / f'broken_{i}.jpg').write_bytes(b'\x00' * 64)
+        (root / 'train' / '0' / f'broken_{i}.jpg').write_bytes(b'\x00' * 64)
     ds = create_dataset('', root=str(root), split='train', skip_bad_samples=False)
     guarded = SkipBadSamples(ds, max_bad_fraction=0.05, min_samples=10)
     with pytest.raises(RuntimeError, match='broken_'):
@@ -317,6 +356,14 @@ def test_cifar_folder_splits(cifar_folder):
     assert len(set(train.reader.class_to_idx)) == 10
     img, target = val[0]
     assert img.size == (32, 32) and img.mode == 'RGB' and 0 <= target < 10
+    # class folders '0'..'9' map to the digit labels; the grayscale JPEG (last of each class) is read as RGB
+    assert train.reader.class_to_idx == {str(c): c for c in range(10)}
+    names = [Path(n).name for n in train.filenames()]
+    gray_file = sorted((cifar_folder / 'train' / '0').glob('*.jpg'))[-1]
+    assert Image.open(gray_file).mode == 'L'
+    gray, gray_target = train[names.index(gray_file.name)]
+    assert gray.mode == 'RGB' and gray_target == 0
+    assert np.array_equal(np.asarray(gray)[..., 0], np.asarray(gray)[..., 2])
 
 
 def test_digits_dataset():

@@ -1,8 +1,9 @@
 """ End-to-end tests of train.py (CPU, tiny settings)
 
-`train.main(argv)` runs in-process on the 200-image `cifar_folder`. The 2-epoch run that the export and resume tests
-share uses the registered `splitnet_resnet110_s2` as it is; the other runs give its members one block per stage
-(`--model-kwargs layers=(1,1,1)`) so that an epoch takes about a second on two cores.
+`train.main(argv)` runs in-process on the 200-image `cifar_folder` (digits as 32x32 JPEGs, tests/conftest.py).
+The 2-epoch run that the export and resume tests share uses the registered `splitnet_resnet110_s2` as it is; the
+other runs give its members one block per stage (`--model-kwargs layers=(1,1,1)`) so that an epoch takes about a
+second.
 """
 import csv
 import importlib.util
@@ -73,6 +74,12 @@ def test_end_to_end(trained, capsys):
         for key in ('eval_top1', 'eval_top5', 'eval_member0_top1', 'eval_member1_top1', 'eval_member0_top5',
                     'eval_member1_top5', 'eval_member_avg_top1'):
             assert 0 <= float(row[key]) <= 100, key
+        # calibration and diversity of the per-epoch eval (timm_splitnet.utils.metrics)
+        for key in ('eval_nll', 'eval_brier', 'eval_member0_nll', 'eval_member1_brier', 'eval_pairwise_kl'):
+            assert float(row[key]) >= 0, key
+        for key in ('eval_ece', 'eval_member0_ece', 'eval_member1_ece', 'eval_disagreement'):
+            assert 0 <= float(row[key]) <= 1, key
+        assert float(row['eval_nll']) == pytest.approx(float(row['eval_loss']), rel=1e-5)  # the same ensemble
         assert float(row['train_loss']) == pytest.approx(
             float(row['train_loss_ce']) + float(row['train_cot_weight']) * float(row['train_loss_cot']), rel=1e-4)
         assert float(row['train_loss_cot']) > 0
@@ -229,8 +236,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_folder, tmp_path, m
 def test_unreadable_images_are_skipped_and_counted(cifar_folder, tmp_path):
     data = tmp_path / 'data'
     shutil.copytree(cifar_folder, data)
-    good = sorted((data / 'train' / 'cat').iterdir())[0]
-    (data / 'train' / 'cat' / 'truncated.jpg').write_bytes(good.read_bytes()[:300])
+    good = sorted((data / 'train' / '0').iterdir())[0]
+    (data / 'train' / '0' / 'truncated.jpg').write_bytes(good.read_bytes()[:300])
     _run('--data-dir', data, *TINY, '--epochs', 1, '--no-plot', '--output', tmp_path, '--experiment', 'x')
     rows = _summary(tmp_path / 'x')
     assert int(rows[0]['train_bad_images']) == 1
@@ -339,4 +346,14 @@ def test_validate_members_matches_the_model():
     for i in range(2):
         assert metrics[f'member{i}_top1'] == pytest.approx(100. * (members[i].argmax(1) == y).float().mean().item())
     assert metrics['loss'] == pytest.approx(torch.nn.functional.cross_entropy(ensemble, y).item(), rel=1e-5)
+    assert metrics['nll'] == pytest.approx(metrics['loss'], rel=1e-5)
+    for i in range(2):
+        assert metrics[f'member{i}_nll'] == pytest.approx(
+            torch.nn.functional.cross_entropy(members[i], y).item(), rel=1e-5)
+    probs = members.softmax(-1)
+    disagreement = (members[0].argmax(1) != members[1].argmax(1)).float().mean().item()
+    assert metrics['disagreement'] == pytest.approx(disagreement)
+    kl = (probs[0] * (probs[0].log() - probs[1].log())).sum(-1).mean() + (
+        probs[1] * (probs[1].log() - probs[0].log())).sum(-1).mean()
+    assert metrics['pairwise_kl'] == pytest.approx(kl.item() / 2, rel=1e-4)
     assert not model.training

@@ -1,0 +1,76 @@
+""" The method learns: short co-training runs of train.py on real data (scikit-learn's digits, no download)
+
+* a tiny S=2 SplitNet trained for a few epochs reaches >= 90 % ensemble top-1 on the 360 held-out digits, the
+  ensemble is at least as good as the mean member, and the training loss falls;
+* the README's main job (`python train.py --config configs/digits_cpu.yaml`, unchanged) lands in the band the
+  README states.
+
+Both run train.py in-process on one thread (tiny convolutions: faster than two threads, and much faster on a busy
+machine); the numbers hold for any thread count, the bands are wide enough for the numerics of other CPUs.
+"""
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _load_train():
+    spec = importlib.util.spec_from_file_location('splitnet_train_script_learning', ROOT / 'train.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_train()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _summary(folder: Path):
+    with open(folder / 'summary.csv', newline='') as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_cotraining_learns_digits(tmp_path):
+    config = ROOT / 'configs' / 'digits_cpu.yaml'
+    train.main([
+        '-c', str(config), '--model', 'splitnet_resnet110_s2', '--model-kwargs', 'layers=(1,1,1)', '--epochs', '6',
+        '--cot-warmup-epochs', '0', '--no-plot', '--seed', '0', '--output', str(tmp_path), '--experiment', 'x'])
+    rows = _summary(tmp_path / 'x')
+    assert [int(r['epoch']) for r in rows] == list(range(6))
+    last = rows[-1]
+    assert last['eval_top1'] >= 90.
+    assert last['eval_top1'] >= last['eval_member_avg_top1']
+    assert last['eval_member_avg_top1'] == pytest.approx((last['eval_member0_top1'] + last['eval_member1_top1']) / 2)
+    losses = [r['train_loss'] for r in rows]
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # constant co-training weight: comparable
+    assert losses[-1] < 0.5 * losses[0]
+    assert all(r['train_loss_cot'] > 0 for r in rows)  # the members are trained together, not copies
+
+
+def test_readme_main_job(tmp_path):
+    """`python train.py --config configs/digits_cpu.yaml` as the README runs it (only the output folder moved).
+
+    README: over seeds 42, 1, 2, 3 the ensemble ended at 99.2-99.7 % and every member at >= 97 %. The band asserted
+    here is wider (other CPUs, other torch builds): ensemble >= 98 %, every member >= 95 %, the ensemble at least as
+    good as the mean member."""
+    train.main(['-c', str(ROOT / 'configs' / 'digits_cpu.yaml'), '--output', str(tmp_path), '--no-plot'])
+    rows = _summary(tmp_path / 'digits_cpu')
+    assert len(rows) == 8
+    best = max(rows, key=lambda r: r['eval_top1'])
+    assert best['eval_top1'] >= 98.
+    assert all(best[f'eval_member{i}_top1'] >= 95. for i in range(4))
+    assert best['eval_top1'] >= best['eval_member_avg_top1']
+    assert rows[-1]['train_loss_ce'] < 0.5 * rows[0]['train_loss_ce']
