@@ -444,6 +444,7 @@ PAPER_MACS = [
 ]
 
 
+@pytest.mark.slow  # counts the multiply-adds of full-size models
 @pytest.mark.parametrize(
     'name,kwargs,split,img_size,paper_gmacs', PAPER_MACS, ids=[f'{p[0]}-s{p[2]}' for p in PAPER_MACS])
 def test_macs_vs_paper(name, kwargs, split, img_size, paper_gmacs):

@@ -29,6 +29,7 @@ def test_params_match_paper_within_2_percent(entry):
     assert abs(params - target) <= 0.02 * target + half_unit(target), f'{params:.3f}M vs paper {target}M'
 
 
+@pytest.mark.slow  # counts the multiply-adds of full-size models (about 40 s in all)
 @pytest.mark.parametrize('entry', ROWS)
 def test_flops_match_paper_within_5_percent(entry):
     gmacs = count_macs(build(entry), (3, entry.img_size, entry.img_size)) / 1e9
