@@ -234,6 +234,8 @@ class BenchSetup:
             self.min_warm_iter = 1  # the first forward in a mode also checks the ranks' batches
         else:
             self.model.to(device)
+            if args.torchcompile and hasattr(self.model, 'prepare_split_backend'):
+                self.model.prepare_split_backend()  # the packed programs built eagerly, not inside the compiled frame
             self.forward = torch.compile(self.model, backend=args.torchcompile) if args.torchcompile else self.model
             self.forward_members = self.forward  # train mode: a SplitNet returns the member logits [S, B, C]
         self.device = device

@@ -88,6 +88,12 @@ TIMM_ONLY_KEYS = (
     'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs', 'naflex_loss_scale', 'kd_model_name',
     'kd_distill_type', 'kd_loss_type', 'kd_alpha', 'kd_temperature', 'kd_token_weight', 'kd_checkpoint',
     'kd_model_kwargs', 'no_aug_train_epochs', 'dist_bn_eps',
+    # newer timm train.py options (checked against timm's main-branch train.py): variable resolution / batch size
+    # schedules, distillation weights, NaFlex and extra layer-decay / validation-interval knobs
+    'layer_decay_min_scale', 'layer_decay_no_opt_scale', 'val_interval', 'train_img_sizes', 'train_batch_sizes',
+    'train_size_probs', 'train_size_schedule', 'train_size_schedule_spread', 'train_size_random_mix',
+    'train_batches_per_epoch', 'variable_batch_loss_scale', 'naflex_patchify_channels_first', 'distill_loss_weight',
+    'task_loss_weight', 'kd_student_feature_dim', 'kd_teacher_feature_dim', 'kd_token_distill_type',
 )
 
 # timm flags that cannot apply to co-training a SplitNet: dest -> why; a value other than the default stops the run
@@ -298,7 +304,7 @@ def create_parser() -> argparse.ArgumentParser:
                        help='LR at the start of the warm-up (default: 5e-3)')
     group.add_argument('--min-lr', type=float, default=1e-4, metavar='LR',
                        help='LR the schedule ends at (default: 1e-4)')
-    group.add_argument('--epochs', type=int, default=300, metavar='N', help='epochs to train (default: 300)')
+    group.add_argument('--epochs', type=int, default=300, metavar='N', help='run length in epochs (default: 300)')
     group.add_argument('--epoch-repeats', type=float, default=0., metavar='N',
                        help='run through the training set this many times per epoch (default: 0 = once)')
     group.add_argument('--start-epoch', default=None, type=int, metavar='N',
@@ -853,6 +859,7 @@ def _train(argv=None) -> int:
         base_criterion=base_criterion, cot_weight=args.cot_weight, cot_loss=args.cot_loss,
         warmup_epochs=args.cot_warmup_epochs, smoothing=0. if mixup_fn is not None else args.smoothing)
     task = parallel.create_task(model, criterion, num_views, mixup_fn=mixup_fn, device=device, verbose=primary)
+    task.channels_last = args.channels_last  # multi-view batches: NHWC in the copy that concatenates the views
 
     # ----- optimizer (conv / linear weights decayed, BN and biases not: timm's filter_bias_and_bn) -----
     weight_decay = divide_weight_decay(args.weight_decay, split_factor, args.wd_divide)
@@ -1182,7 +1189,9 @@ def train_one_epoch(
         last_batch = batch_idx == last_batch_idx
         if not args.prefetcher:
             input, target = input.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        input = prepare_batch(input, args.channels_last)  # CUDA: the raw batch stays valid for queued kernels
+        # CUDA: the raw batch stays valid for queued kernels; multi-view batches become channels_last in the task's
+        # one copy to [B, S * C, H, W] (converting here too would copy the batch twice)
+        input = prepare_batch(input, args.channels_last and task.num_views == 1)
         data_time += time.time() - data_end
 
         # DDP averages gradients only on the batch that ends a group; the others just add to .grad

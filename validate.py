@@ -30,7 +30,7 @@ import os
 import time
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -142,16 +142,66 @@ def split_accuracies(
     Returns:
         {'member0': [top1, top5], ..., 'ens_mean': [...], 'ens_max': [...], ...}.
     """
+    keys, values = split_accuracy_tensor(logits, target, manners, topk)
+    values = values.tolist()  # one host sync for all of them (not one per accuracy)
+    k = len(values) // len(keys)
+    return OrderedDict((key, values[j * k:(j + 1) * k]) for j, key in enumerate(keys))
+
+
+def split_accuracy_tensor(
+        logits: torch.Tensor,
+        target: torch.Tensor,
+        manners: Sequence[str] = tuple(ENSEMBLE_MANNERS),
+        topk: Sequence[int] = (1, 5),
+) -> Tuple[List[str], torch.Tensor]:
+    """`split_accuracies` left on the device (no host sync): the keys and their accuracies, flattened key-major.
+
+    Returns:
+        `['ens_mean', ..., 'member0', ...]` and the float32 tensor `[acc@k1, acc@k2, ...]` of each key in turn.
+    """
     topk = tuple(min(k, logits.shape[-1]) for k in topk)
     accs = OrderedDict()
     for name in manners:
         accs[f'ens_{name}'] = accuracy(ensemble_output(logits, name), target, topk=topk)
     for i in range(logits.shape[0]):
         accs[f'member{i}'] = accuracy(logits[i].float(), target, topk=topk)
-    # one host sync for all of them (not one per accuracy)
-    values = torch.stack([torch.as_tensor(a, device=logits.device) for v in accs.values() for a in v]).tolist()
-    k = len(topk)
-    return OrderedDict((key, values[j * k:(j + 1) * k]) for j, key in enumerate(accs))
+    return list(accs), torch.stack([torch.as_tensor(a, device=logits.device) for v in accs.values() for a in v])
+
+
+class DeviceMeters:
+    """`AverageMeter`s whose running sums stay on the device: no host sync per batch, one per `sync`.
+
+    `sync` sets every meter's `val`, `sum`, `count` and `avg` to exactly what per-batch `AverageMeter.update(value,
+    n)` calls with the values read as Python floats would have given (the same float64 products and sums).
+    """
+
+    def __init__(self, meters: Sequence[AverageMeter], device: torch.device):
+        """
+        Args:
+            meters: The meters, in the order of the values passed to `update`.
+            device: Device of the batch values.
+        """
+        self.meters = list(meters)
+        dtype = torch.float32 if torch.device(device).type == 'mps' else torch.float64  # MPS has no float64
+        self.sums = torch.zeros(len(self.meters), dtype=dtype, device=device)
+        self.last = torch.zeros_like(self.sums)
+        self.count = 0
+
+    def update(self, values: torch.Tensor, n: int) -> None:
+        """Add one batch: `values` (one per meter, on the device) weighted by the batch size `n`."""
+        self.last = values.detach().to(self.sums.dtype)
+        self.sums += self.last * n
+        self.count += n
+
+    def sync(self) -> None:
+        """Read the sums and the last values (one host sync) into the meters."""
+        if not self.count:
+            return
+        values = torch.cat([self.sums, self.last]).tolist()
+        k = len(self.meters)
+        for meter, total, last in zip(self.meters, values[:k], values[k:]):
+            meter.val, meter.sum, meter.count = last, total, self.count
+            meter.avg = total / self.count
 
 
 def ensemble_loss(output: torch.Tensor, target: torch.Tensor, softmax: bool) -> torch.Tensor:
@@ -328,6 +378,9 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
         split_backend = 'loop' if is_split else None
     else:
         split_backend = set_split_backend(model, args.split_backend)
+    if args.torchcompile and split_backend == 'auto' and not devices:
+        raise CliError('--torchcompile with --split-backend auto: the auto backend times its candidates on the first '
+                       'batch, which must not run inside the compiled graph; pass --split-backend loop or packed.')
     if devices and not is_split:
         raise CliError(f'--devices needs a SplitNet model, {model_name} is a {type(model).__name__}.')
 
@@ -375,6 +428,8 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
         model.to(device)
         forward = model.forward_members if is_split else model
         if args.torchcompile:
+            if is_split:
+                model.prepare_split_backend()  # the packed programs built eagerly, not inside the compiled frame
             forward = torch.compile(forward, backend=args.torchcompile)
     amp_autocast = autocast_factory(device, amp_dtype)
 
@@ -389,6 +444,10 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
     # calibration of the configured ensemble (plain keys), of every evaluated manner and member; diversity
     calibration = EnsembleMetrics(split_factor, configured, manners, device=device) if is_split else \
         CalibrationMeter(device=device)
+    # loss, top1, top5 and (in the key order of split_accuracy_tensor) every manner's and member's top1 / top5, summed
+    # on the device and read at log lines and at the end
+    device_meters = DeviceMeters(
+        [losses, top1, top5] + ([m for pair in meters.values() for m in pair] if is_split else []), device)
     start = end = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -407,26 +466,24 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
                         continue
                 batch_size = target.shape[0]
                 if is_split:
-                    accs = split_accuracies(out, target, manners)
-                    for key, values in accs.items():
-                        for meter, value in zip(meters[key], values):
-                            meter.update(value, batch_size)
+                    keys, accs = split_accuracy_tensor(out, target, manners)  # on the device: no host sync
+                    j = keys.index(f'ens_{configured}')
                     output = ensemble_output(out, configured)
-                    acc1, acc5 = accs[f'ens_{configured}']
                     loss = ensemble_loss(output, target, softmax=configured.startswith('softmax'))
+                    values = torch.cat([loss.detach().float().reshape(1), accs[2 * j:2 * j + 2], accs])
                     calibration.update(out, target)
                 else:
                     output = out
-                    acc1, acc5 = [a.item() for a in accuracy(output, target, topk=(1, min(5, output.shape[-1])))]
+                    accs = accuracy(output, target, topk=(1, min(5, output.shape[-1])))
                     loss = F.cross_entropy(output.float(), target)
+                    values = torch.stack([loss.detach().float(), *accs])
                     calibration.update(output, target)
-                losses.update(loss.item(), batch_size)
-                top1.update(acc1, batch_size)
-                top5.update(acc5, batch_size)
+                device_meters.update(values, batch_size)
                 now = time.perf_counter()
                 batch_time.update(now - end)
                 end = now
                 if args.log_freq and (batch_idx % args.log_freq == 0 or batch_idx == len(loader) - 1):
+                    device_meters.sync()  # the one host sync of a log interval
                     _logger.info(
                         f'Test: [{batch_idx:>4d}/{len(loader)}]  '
                         f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {batch_size / batch_time.avg:>7.2f}/s)  '
@@ -436,6 +493,7 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
     finally:
         if runner is not None:
             runner.close()
+    device_meters.sync()
     _reduce_meters([losses, top1, top5] + [m for pair in meters.values() for m in pair], plan, device)
     if plan is not None and plan.member_group is not None:
         calibration.all_reduce(plan.member_group)

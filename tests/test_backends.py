@@ -345,3 +345,153 @@ def test_auto_picks_a_backend_caches_it_and_keeps_the_state(monkeypatch):
     assert len(trials) == 2 and model.split_backend.last_choice in ('loop', 'packed', 'vmap')
     assert len(auto._AUTO_CHOICES) == 2
     auto.clear_auto_cache()
+
+
+@pytest.mark.parametrize('different_histories', [False, True])
+def test_packed_cumulative_batch_norm_matches_loop_without_host_sync(monkeypatch, different_histories):
+    """BN with momentum=None (cumulative average): the factors 1 / num_batches_tracked stay on the device."""
+    model, ref = make_pair('wrn16_8_cifar', 2, dict(widen_factor=1))
+    for net in (model, ref):
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.momentum = None
+        net.train()
+        if different_histories:  # member 1 has seen more batches than member 0: each keeps its own average
+            with torch.no_grad():
+                net.models[1](inputs(1, False))
+    real_float, real_item = torch.Tensor.__float__, torch.Tensor.item
+
+    def no_sync(*args):
+        raise AssertionError('host sync in the packed forward')
+    for step in range(3):
+        x = inputs(2, False, batch=4 + step)
+        ref_out = ref(x)
+        monkeypatch.setattr(torch.Tensor, '__float__', no_sync)
+        monkeypatch.setattr(torch.Tensor, 'item', no_sync)
+        out = model(x)
+        monkeypatch.setattr(torch.Tensor, '__float__', real_float)
+        monkeypatch.setattr(torch.Tensor, 'item', real_item)
+        assert_close(out, ref_out, what=f'cumulative BN train output {step}')
+    for (name, b), rb in zip(model.named_buffers(), ref.buffers()):
+        if b.dtype == torch.long:
+            assert torch.equal(b, rb), name
+        else:
+            assert_close(b, rb, what=f'cumulative BN buffer {name}')
+    counts = {int(m.num_batches_tracked) for m in model.models[1].modules() if hasattr(m, 'num_batches_tracked')}
+    assert counts == ({4} if different_histories else {3})
+
+
+# ----- channels_last: the views reach the members without extra copies -----
+
+def _first_conv(member):
+    return next(m for m in member.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+@pytest.mark.parametrize('backend', ['loop', 'packed'])
+def test_channels_last_views_reach_the_members_channels_last(monkeypatch, backend):
+    """A channels_last split-major batch through the task's layout change: every member's first conv (loop), or the
+    packed program (the packed batch itself, not a copy), gets channels_last-contiguous input; outputs are those of
+    the contiguous path."""
+    from timm_splitnet.data import views_to_channels
+    from timm_splitnet.parallel.packed.program import PackedProgram
+    model, ref = make_pair('wrn16_8_cifar', 2, dict(widen_factor=1), backend=backend)
+    ref.set_split_backend(backend)
+    model = model.to(memory_format=torch.channels_last)
+    seen = []
+    if backend == 'loop':
+        for member in model.models:
+            _first_conv(member).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    else:
+        call = PackedProgram.__call__
+        monkeypatch.setattr(PackedProgram, '__call__', lambda self, x: seen.append(x) or call(self, x))
+    split_major = torch.randn(2 * 4, 3, 16, 16, dtype=torch.float64)
+    for train in (True, False):
+        model.train(train)
+        ref.train(train)
+        packed = views_to_channels(split_major, 2, torch.channels_last)
+        assert packed.is_contiguous(memory_format=torch.channels_last)
+        with torch.set_grad_enabled(train):
+            ref_out = ref.forward_members(views_to_channels(split_major, 2))
+            seen.clear()
+            out = model.forward_members(packed)
+        assert len(seen) == (2 if backend == 'loop' else 1)
+        assert all(t.is_contiguous(memory_format=torch.channels_last) for t in seen)
+        if backend == 'packed':
+            assert seen[0].data_ptr() == packed.data_ptr()  # the batch itself: no cat of its channel blocks
+        assert_close(out, ref_out, what=f'{backend} channels_last (train={train})')
+
+
+def test_join_views_returns_the_packed_batch_without_a_copy():
+    from timm_splitnet.models._backends import join_views
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 6, 4, 5).contiguous(memory_format=fmt)
+        joined = join_views(list(x.chunk(3, dim=1)))
+        assert joined.data_ptr() == x.data_ptr() and torch.equal(joined, x) and joined.stride() == x.stride()
+        swapped = list(x.chunk(3, dim=1))[::-1]
+        assert torch.equal(join_views(swapped), torch.cat(swapped, dim=1))  # not in order: concatenated
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    assert torch.equal(join_views([a, b]), torch.cat([a, b], dim=1))
+    y = torch.randn(2, 6, 4, 4, requires_grad=True)
+    joined = join_views(list(y.chunk(2, dim=1)))  # inputs that need gradients: cat, gradients reach every block
+    joined.sum().backward()
+    assert torch.equal(y.grad, torch.ones_like(y))
+
+
+def test_task_builds_the_channels_last_input_in_one_copy():
+    """CoTrainingTask(channels_last): an NCHW split-major loader batch becomes the NHWC [B, S*C, H, W] input (the
+    layout change's one copy), with or without mixup; a channels_last batch keeps its layout too."""
+    from timm.data import Mixup
+    from timm_splitnet import CoTrainingLoss
+    from timm_splitnet.task import CoTrainingTask
+    model = SplitNet('wrn16_8_cifar', 2, member_kwargs=dict(widen_factor=1), num_classes=5)
+    x, target = torch.randn(2 * 4, 3, 8, 8), torch.arange(4).repeat(2)
+    for mixup in (None, Mixup(mixup_alpha=0.8, num_classes=5)):
+        task = CoTrainingTask(model, CoTrainingLoss(), num_views=2, mixup_fn=mixup, verbose=False)
+        plain, _ = task.split_batch(x.clone(), target)
+        assert plain.is_contiguous()
+        task.channels_last = True
+        for batch in (x.clone(), x.contiguous(memory_format=torch.channels_last)):
+            packed, _ = task.split_batch(batch, target)
+            assert packed.is_contiguous(memory_format=torch.channels_last) and not packed.is_contiguous()
+            if mixup is None:
+                assert torch.equal(packed, plain)
+
+
+@pytest.mark.slow  # dynamo tracing: ~10 s on 2 cores
+def test_compiled_packed_task_matches_eager_loop(monkeypatch):
+    """CoTrainingTask.compile on 'packed': the programs of both modes are built eagerly before torch.compile (no fx
+    trace inside the compiled frames), and the compiled train / eval forwards give the loop's outputs and BN stats."""
+    import torch._dynamo
+    from timm_splitnet import CoTrainingLoss
+    from timm_splitnet.task import CoTrainingTask
+    torch._dynamo.reset()
+    model, ref = make_pair('wrn16_8_cifar', 2, dict(widen_factor=1), dtype=torch.float32)
+    task = CoTrainingTask(model, CoTrainingLoss(), num_views=2, verbose=False)
+    ref_task = CoTrainingTask(ref, CoTrainingLoss(), num_views=2, verbose=False)
+    task.compile(backend='eager')
+    assert len(model.split_backend._programs) == 4  # train / eval x views / shared image
+
+    def no_lowering(*args, **kwargs):
+        raise AssertionError('a packed program was built inside the compiled frame')
+    monkeypatch.setattr(packed_backend, 'lower_members', no_lowering)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        x, target = torch.randn(2 * 4, 3, 16, 16, generator=g), torch.randint(0, 5, (4,), generator=g).repeat(2)
+        task.train()
+        ref_task.train()
+        out, ref_out = task(x, target), ref_task(x, target)
+        torch.testing.assert_close(out['loss'], ref_out['loss'], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out['output'], ref_out['output'], rtol=1e-5, atol=1e-5)
+        out['loss'].backward()
+        ref_out['loss'].backward()
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, b), rb in zip(model.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, rb, rtol=1e-5, atol=1e-5, msg=name)
+    model.eval()
+    ref.eval()
+    with torch.no_grad():
+        image = torch.randn(4, 3, 16, 16, generator=g)
+        torch.testing.assert_close(task.eval_members_fn(image), ref.forward_members(image), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(task.trainable_module(image), ref(image), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -207,6 +207,25 @@ def test_loader_rebuild_keeps_the_batches_aligned():
     assert len(batches[0]) == 2 and all(torch.equal(a, b) for a, b in zip(*batches))
 
 
+@pytest.mark.parametrize('norm_type', [2.0, float('inf')])
+def test_clip_grad_of_a_rank_without_gradients_all_reduces_on_its_device(monkeypatch, norm_type):
+    """A rank whose members got no gradients still joins the norm all-reduce with a tensor on the members' device
+    (NCCL refuses CPU tensors); 'meta' stands for the accelerator here."""
+    from timm_splitnet.parallel.member_parallel import norm
+
+    class FakeMemberParallel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.member = torch.nn.Linear(3, 2, device='meta')  # parameters without .grad
+            self.plan = type('Plan', (), dict(cross_group=object(), cross_group_ranks=[0, 1], rank=0, timeout=None))()
+
+    reduced = []
+    monkeypatch.setattr(norm, 'unwrap_member_parallel', lambda model: model)
+    monkeypatch.setattr(norm.dist, 'all_reduce', lambda tensor, op=None, group=None: reduced.append(tensor.device))
+    norm.clip_grad(FakeMemberParallel(), 1.0, norm_type=norm_type)
+    assert reduced == [torch.device('meta')]
+
+
 def test_shared_mixup_draws_alike_on_every_rank():
     x, y = torch.randn(4, 6, 8, 8), torch.arange(4)
     np.random.seed(0)

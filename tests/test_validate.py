@@ -96,6 +96,26 @@ def test_split_accuracies_match_hand_computation():
     assert validate.split_accuracies(logits[..., :3], target.clamp(max=2))['member0'][1] == 100.
 
 
+def test_device_meters_equal_per_batch_average_meters():
+    """validate.py sums on the device and reads once per log interval: the meters hold exactly what per-batch
+    `AverageMeter.update(tensor.item(), n)` gives (values at log lines and at the end unchanged)."""
+    from timm.utils import AverageMeter
+    g = torch.Generator().manual_seed(0)
+    ref = [AverageMeter() for _ in range(3)]
+    meters = [AverageMeter() for _ in range(3)]
+    device_meters = validate.DeviceMeters(meters, torch.device('cpu'))
+    for step in range(7):
+        values = (torch.rand(3, generator=g) * 100).float()
+        n = int(torch.randint(1, 65, (1,), generator=g))
+        for meter, v in zip(ref, values):
+            meter.update(v.item(), n)
+        device_meters.update(values, n)
+        if step % 3 == 0 or step == 6:
+            device_meters.sync()
+            for meter, r in zip(meters, ref):
+                assert (meter.val, meter.sum, meter.count, meter.avg) == (r.val, r.sum, r.count, r.avg)
+
+
 # ----- end to end on CIFAR-10 images -----
 
 @pytest.fixture(scope='module')
@@ -271,6 +291,8 @@ def test_validate_bad_inputs(cifar_folder, tiny_weights, tmp_path):
     expect_error([str(cifar_folder), '--model', 'resnet18', '--device', 'tpu'], 'tpu')
     expect_error([str(cifar_folder), '--model', 'resnet18', '--device', 'cuda:99'], 'cuda:99')
     expect_error(base + ['--model', MODEL, '--devices', 'cpu,cuda:99'], 'cuda:99')
+    expect_error(base + ['--model', MODEL, '--split-backend', 'auto', '--torchcompile', 'eager'],
+                 '--torchcompile with --split-backend auto')
     expect_error([str(tmp_path / 'missing'), '--model', MODEL] + TINY_ARGS, 'data dir not found')
     expect_error(base + ['--model', MODEL, '--split', 'test'], "split 'test' not found", 'train, validation')
     expect_error(base + ['--model', MODEL, '--checkpoint', str(tmp_path / 'nope.pth.tar')], 'not found')

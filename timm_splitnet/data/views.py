@@ -101,27 +101,61 @@ def collate_views(batch: List[Tuple[Any, Any]]) -> Tuple[torch.Tensor, torch.Ten
     return images, targets
 
 
-def views_to_channels(x: torch.Tensor, num_views: int) -> torch.Tensor:
-    """Split-major ``[S * B, C, H, W]`` batch to the channel-concatenated ``[B, S * C, H, W]`` layout.
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """True for a 4-D tensor laid out channels_last (NHWC) and not also NCHW-contiguous."""
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def views_to_channels(
+        x: torch.Tensor,
+        num_views: int,
+        memory_format: Optional[torch.memory_format] = None,
+) -> torch.Tensor:
+    """Split-major ``[S * B, C, H, W]`` batch to the channel-concatenated ``[B, S * C, H, W]`` layout (one copy).
 
     Member (view) s occupies channels ``s * C .. (s + 1) * C - 1``, as in the reference implementation.
+
+    Args:
+        x: Split-major views ``[S * B, C, H, W]``.
+        num_views: Number of views S.
+        memory_format: Layout of the result, ``torch.channels_last`` or ``torch.contiguous_format``; None keeps the
+            layout of ``x`` (channels_last when ``x`` is). A channels_last result is written in that layout by the one
+            copy the permutation needs: its channel blocks (the members' views) go on to the members without another.
     """
     total, channels, height, width = x.shape
     if total % num_views:
         raise ValueError(f'Batch of {total} rows is not divisible into {num_views} views.')
     batch_size = total // num_views
-    return x.reshape(num_views, batch_size, channels, height, width).transpose(0, 1).reshape(
-        batch_size, num_views * channels, height, width)
+    if memory_format is None:
+        memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    x = x.reshape(num_views, batch_size, channels, height, width)
+    if memory_format == torch.channels_last:  # [B, H, W, S, C] in memory
+        return x.permute(1, 3, 4, 0, 2).reshape(batch_size, height, width, num_views * channels).permute(0, 3, 1, 2)
+    return x.transpose(0, 1).reshape(batch_size, num_views * channels, height, width)
 
 
-def channels_to_views(x: torch.Tensor, num_views: int) -> torch.Tensor:
-    """Inverse of :func:`views_to_channels`: ``[B, S * C, H, W]`` to split-major ``[S * B, C, H, W]``."""
+def channels_to_views(
+        x: torch.Tensor,
+        num_views: int,
+        memory_format: Optional[torch.memory_format] = None,
+) -> torch.Tensor:
+    """Inverse of :func:`views_to_channels`: ``[B, S * C, H, W]`` to split-major ``[S * B, C, H, W]``.
+
+    Args:
+        x: Channel-concatenated views ``[B, S * C, H, W]``.
+        num_views: Number of views S.
+        memory_format: Layout of the result; None keeps the layout of ``x``.
+    """
     batch_size, total_channels, height, width = x.shape
     if total_channels % num_views:
         raise ValueError(f'{total_channels} channels are not divisible into {num_views} views.')
     channels = total_channels // num_views
-    return x.reshape(batch_size, num_views, channels, height, width).transpose(0, 1).reshape(
-        num_views * batch_size, channels, height, width)
+    if memory_format is None:
+        memory_format = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+    x = x.reshape(batch_size, num_views, channels, height, width)
+    if memory_format == torch.channels_last:  # [S, B, H, W, C] in memory
+        return x.permute(1, 0, 3, 4, 2).reshape(num_views * batch_size, height, width, channels).permute(0, 3, 1, 2)
+    return x.transpose(0, 1).reshape(num_views * batch_size, channels, height, width)
 
 
 def mixup_views(mixup_fn: Callable, x: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

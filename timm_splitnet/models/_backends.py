@@ -13,7 +13,8 @@ import torch.nn as nn
 __all__ = [
     'SplitBackend', 'LoopBackend', 'SPLIT_BACKENDS', 'register_split_backend', 'resolve_backend',
     'register_per_member_module', 'register_per_member_function', 'is_per_member_module', 'is_per_member_function',
-    'get_per_member_modules', 'get_per_member_functions', 'members_label', 'is_shared_input',
+    'get_per_member_modules', 'get_per_member_functions', 'members_label', 'is_shared_input', 'dense_view',
+    'join_views',
 ]
 
 _B = TypeVar('_B', bound=Type['SplitBackend'])
@@ -39,6 +40,13 @@ class SplitBackend:
 
     def attach(self, members: Sequence[nn.Module]) -> None:
         """Called once when the backend is selected for `members` (prepare caches, report unsupported members)."""
+
+    def prepare(self, members: Sequence[nn.Module], in_ndim: int = 4) -> None:
+        """Build now, eagerly, what the backend would build on its first call in train and in eval mode.
+
+        Call it before `torch.compile` (`SplitNet.prepare_split_backend`): then no building (fx tracing, module
+        reprs, weakrefs) runs inside a compiled frame, which traces only the cached execution.
+        """
 
     def __repr__(self) -> str:
         return self.name
@@ -67,7 +75,7 @@ class LoopBackend(SplitBackend):
     """The members one after another in a Python loop (the paper's execution; every family, every device)."""
 
     def forward_members(self, members: Sequence[nn.Module], views: List[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([m(v) for m, v in zip(members, views)])
+        return torch.stack([m(dense_view(v)) for m, v in zip(members, views)])
 
 
 def resolve_backend(name: str, members: Optional[Sequence[nn.Module]] = None) -> SplitBackend:
@@ -141,3 +149,30 @@ def members_label(members: Sequence[nn.Module]) -> str:
 def is_shared_input(views: Sequence[torch.Tensor]) -> bool:
     """True when every member sees the same tensor (the shared image, not S views)."""
     return all(v is views[0] for v in views)
+
+
+def dense_view(x: torch.Tensor) -> torch.Tensor:
+    """`x` as a dense tensor in its own layout: a member's channel block of a packed batch `[B, S*C, H, W]` is copied
+    once, channels_last when the batch is (a conv would copy it anyway, to the weights' layout or NCHW)."""
+    if x.ndim != 4 or x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return x
+    return x.contiguous(memory_format=torch.channels_last if x.stride(1) == 1 else torch.contiguous_format)
+
+
+def join_views(views: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The member views concatenated along dim 1, `[B, S*C, ...]`.
+
+    Views that are the adjacent channel blocks of one tensor (`SplitNet.split_views` of a packed batch) are that
+    tensor again, without a copy and in its layout (channels_last stays channels_last); other views are concatenated.
+    """
+    first = views[0]
+    if len(views) > 1 and first.ndim >= 2 and not torch.compiler.is_compiling() and \
+            not any(v.requires_grad for v in views):
+        block = first.shape[1] * first.stride(1)
+        storage = first.untyped_storage().data_ptr()
+        if all(v.shape == first.shape and v.stride() == first.stride() and v.dtype == first.dtype and
+               v.device == first.device and v.untyped_storage().data_ptr() == storage and
+               v.storage_offset() == first.storage_offset() + i * block for i, v in enumerate(views)):
+            shape = (first.shape[0], len(views) * first.shape[1], *first.shape[2:])
+            return first.as_strided(shape, first.stride(), first.storage_offset())
+    return torch.cat(list(views), dim=1)

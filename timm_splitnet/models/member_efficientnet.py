@@ -10,7 +10,7 @@ Papers:
 * `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch.nn as nn
 
@@ -98,6 +98,34 @@ class SplitNetEfficientNet(EfficientNet):
         reset_classifier_head(self, num_classes, global_pool, classifier_attr='classifier')
         self.global_pool.train(self.training)
         self.classifier.train(self.training)
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+            extra_blocks: bool = False,
+    ) -> List[int]:
+        """timm's pruning, plus what timm < 1.0.31 misses: drop `conv_head` / `bn2` once the blocks are truncated.
+
+        Args:
+            indices: Indices of the levels to keep.
+            prune_norm: Also remove the final norm (`bn2`).
+            prune_head: Also remove the classifier.
+            extra_blocks: Index every block instead of the stage ends.
+
+        Returns:
+            The kept indices.
+        """
+        num_blocks = len(self.blocks)
+        take_indices = super().prune_intermediate_layers(
+            indices, prune_norm=prune_norm, prune_head=prune_head, extra_blocks=extra_blocks)
+        if len(self.blocks) < num_blocks or prune_norm or prune_head:
+            self.conv_head = nn.Identity()
+            self.bn2 = nn.Identity()
+            if not extra_blocks and take_indices:
+                self.num_features = self.head_hidden_size = self.feature_info[max(take_indices)]['num_chs']
+        return take_indices
 
 
 def _gen_splitnet_efficientnet(

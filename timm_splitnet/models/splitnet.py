@@ -21,7 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 from timm.models._features import FeatureInfo
 
-from ._backends import resolve_backend
+from ._backends import dense_view, resolve_backend
 from .division import divide_drop_rate, get_split_arch, member_kwargs
 
 __all__ = [
@@ -140,6 +140,10 @@ class SplitNet(nn.Module):
         """
         self.split_backend = resolve_backend(name, self.models)
 
+    def prepare_split_backend(self) -> None:
+        """Build the backend's programs for train and eval mode now; call before `torch.compile` (docs/backends.md)."""
+        self.split_backend.prepare(self.models)
+
     # ----- timm model API -----
 
     @torch.jit.ignore
@@ -208,7 +212,7 @@ class SplitNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Unpooled features of the members concatenated along channels, [B, S * member.num_features, h, w]."""
-        return torch.cat([m.forward_features(v) for m, v in zip(self.models, self.split_views(x))], dim=1)
+        return torch.cat([m.forward_features(dense_view(v)) for m, v in zip(self.models, self.split_views(x))], dim=1)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Each member's head on its channel slice of `forward_features`; pre-logits are concatenated."""
@@ -273,7 +277,7 @@ class SplitNet(nn.Module):
         cat_dim = -1 if output_fmt == 'NHWC' else 1
         outs = [
             m.forward_intermediates(
-                v, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+                dense_view(v), indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
                 intermediates_only=intermediates_only)
             for m, v in zip(self.models, self.split_views(x))]
         if intermediates_only:
@@ -296,8 +300,14 @@ class SplitNet(nn.Module):
             m.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head) for m in self.models]
         member = self.models[0]
         self.num_classes = member.num_classes
-        self.num_features = self.split_factor * member.num_features
+        member_features = member.num_features
+        if prune_head and take_indices[0]:
+            # the last kept level's channels: timm < 1.0.31 leaves a pruned ResNet's / EfficientNet's num_features
+            member_features = member.feature_info[max(take_indices[0])]['num_chs']
+        self.num_features = self.split_factor * member_features
         self.head_hidden_size = self.split_factor * getattr(member, 'head_hidden_size', member.num_features)
+        if prune_head:
+            self.head_hidden_size = self.num_features
         self.set_split_backend(str(self.split_backend))  # the members changed: rebuild the backend's caches
         return take_indices[0]
 

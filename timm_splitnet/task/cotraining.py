@@ -22,7 +22,7 @@ from ..loss import CoTrainingLoss
 from ..utils.batch import prepare_batch
 from ..utils.metrics import CalibrationMeter, EnsembleMetrics, ensemble_manner
 
-__all__ = ['CoTrainingTask', 'validate_members', 'is_splitnet']
+__all__ = ['CoTrainingTask', 'validate_members', 'is_splitnet', 'prepare_split_backend']
 
 _logger = logging.getLogger(__name__)
 
@@ -30,6 +30,13 @@ _logger = logging.getLogger(__name__)
 def is_splitnet(model: nn.Module) -> bool:
     """True for a SplitNet (possibly wrapped in DDP / torch.compile / EMA)."""
     return hasattr(unwrap_model(model), 'forward_members')
+
+
+def prepare_split_backend(model: nn.Module) -> None:
+    """Build the split backend's programs of a SplitNet (possibly wrapped) eagerly, before `torch.compile`."""
+    base = unwrap_model(model)
+    if hasattr(base, 'prepare_split_backend'):
+        base.prepare_split_backend()
 
 
 class CoTrainingTask(TrainingTask):
@@ -88,6 +95,9 @@ class CoTrainingTask(TrainingTask):
         self.num_views = num_views
         self.mixup_fn = mixup_fn
         self.split_factor = getattr(model, 'split_factor', 1)
+        # multi-view batches: build the [B, S * C, H, W] input in channels_last in the one copy the layout change
+        # needs (pass the loader's batch as it is; train.py sets this with --channels-last)
+        self.channels_last = False
         self.eval_members_fn: Optional[Callable] = None
         if self.verbose:
             _logger.info(f'{type(self).__name__}: {self.describe()}')
@@ -118,13 +128,29 @@ class CoTrainingTask(TrainingTask):
         return self
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        """Compile the model (before DDP); the member-wise eval forward is compiled too."""
+        """Compile the model (before DDP); the member-wise eval forward is compiled too.
+
+        The split backend is prepared first (`SplitNet.prepare_split_backend`): the packed programs of both modes are
+        built eagerly, so the compiled frames trace their execution only.
+        """
         model = self.trainable_module
+        prepare_split_backend(model)
         if is_splitnet(model):
             self.eval_members_fn = torch.compile(model.forward_members, backend=backend, mode=mode, **compile_kwargs)
         self.trainable_module = torch.compile(model, backend=backend, mode=mode, **compile_kwargs)
         self.eval_model = self.trainable_module
         return self.trainable_module
+
+    def compile_ema(
+            self,
+            backend: str = 'inductor',
+            mode: Optional[str] = None,
+            **compile_kwargs,
+    ) -> Optional[nn.Module]:
+        """Compile the EMA eval model (its split backend prepared first, as in `compile`)."""
+        if self.has_ema():
+            prepare_split_backend(self.get_eval_model(ema=True))
+        return super().compile_ema(backend=backend, mode=mode, **compile_kwargs)
 
     def clip_grad(self, value: float, mode: str = 'norm') -> Optional[torch.Tensor]:
         """Clip the gradients of the trained model (timm's `dispatch_clip_grad`), after backward."""
@@ -155,12 +181,13 @@ class CoTrainingTask(TrainingTask):
     def split_batch(self, input: torch.Tensor, target: torch.Tensor):
         """Loader batch to model input and one target per sample.
 
-        `[S * B, C, H, W]` split-major views become `[B, S * C, H, W]` and repeated targets `[S * B]` become `[B]`;
-        single-view batches pass through. Mixup (when enabled) is applied here, once for all views.
+        `[S * B, C, H, W]` split-major views become `[B, S * C, H, W]` (channels_last with `channels_last` set or a
+        channels_last batch) and repeated targets `[S * B]` become `[B]`; single-view batches pass through. Mixup
+        (when enabled) is applied here, once for all views.
         """
         if self.num_views > 1:
             batch_size = input.shape[0] // self.num_views
-            input = views_to_channels(input, self.num_views)
+            input = views_to_channels(input, self.num_views, torch.channels_last if self.channels_last else None)
             if target.shape[0] == batch_size * self.num_views:
                 target = target[:batch_size]
         if self.mixup_fn is not None and target.ndim == 1:

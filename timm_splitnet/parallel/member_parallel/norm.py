@@ -42,6 +42,15 @@ def distribute_member_bn(model: nn.Module, plan: MemberParallelPlan, reduce: boo
                     dist.broadcast(buf, plan.member_group_ranks[0], group=plan.member_group)
 
 
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter (or buffer); the CPU for a module without tensors."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device('cpu')
+
+
 def clip_grad(model: nn.Module, value: float, mode: str = 'norm', norm_type: float = 2.0) -> Optional[torch.Tensor]:
     """timm's `dispatch_clip_grad` for a member-parallel model, equal to clipping the single-process SplitNet.
 
@@ -61,7 +70,8 @@ def clip_grad(model: nn.Module, value: float, mode: str = 'norm', norm_type: flo
         return None
     if mode != 'norm':
         raise ValueError(f'clip_grad: unknown mode {mode!r}, expected norm, value or agc.')
-    device = params[0].grad.device if params else torch.device('cpu')
+    # a rank without gradients still joins the all-reduce, with a tensor on its own device (NCCL takes no CPU tensor)
+    device = params[0].grad.device if params else _device_of(mp)
     if math.isinf(norm_type):
         local = torch.stack([p.grad.detach().abs().max().float() for p in params]).max() if params else \
             torch.zeros((), device=device)

@@ -10,7 +10,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ...models._backends import LoopBackend, SplitBackend, is_shared_input, members_label, register_split_backend
+from ...models._backends import (
+    LoopBackend, SplitBackend, is_shared_input, join_views, members_label, register_split_backend)
 from .lowering import lower_members
 from .program import PackedProgram
 from .values import Unpackable
@@ -62,6 +63,19 @@ class PackedBackend(SplitBackend):
     def attach(self, members: Sequence[nn.Module]) -> None:
         self.program(members, shared=True, in_ndim=4)
 
+    def prepare(self, members: Sequence[nn.Module], in_ndim: int = 4) -> None:
+        """The programs of both modes and both input kinds, built now (the modes of all submodules are restored)."""
+        modes = [(m, m.training) for member in members for m in member.modules()]
+        try:
+            for training in (True, False):
+                for member in members:
+                    member.train(training)
+                for shared in (True, False):
+                    self.program(members, shared, in_ndim)
+        finally:
+            for m, training in modes:
+                m.training = training
+
     def _log_fallback(self, members: Sequence[nn.Module], reason: str) -> None:
         if reason not in self._logged:
             self._logged.add(reason)
@@ -99,5 +113,5 @@ class PackedBackend(SplitBackend):
         program = self.program(members, shared, views[0].ndim)
         if program is None:
             return self._loop.forward_members(members, views)
-        x = views[0] if shared else torch.cat(views, dim=1)
+        x = views[0] if shared else join_views(views)  # the packed batch itself when the views are its blocks
         return program(x)

@@ -44,41 +44,42 @@ def packed_batch_norm(
             incremented; None: increment and write back here.
     """
     bn = bns[0]
-    S = len(bns)
     factor = 0. if bn.momentum is None else bn.momentum
-    counts = None
+    cumulative = None  # momentum=None: the per-channel factors 1 / num_batches_tracked, a device tensor (no sync)
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         if pending is None:
             torch._foreach_add_([m.num_batches_tracked for m in bns], 1)
-        if bn.momentum is None:  # cumulative moving average
-            counts = [float(m.num_batches_tracked) for m in bns]
-            factor = 1. / counts[0]
+        if bn.momentum is None:  # cumulative moving average, each member with its own count
+            counts = torch.stack([m.num_batches_tracked for m in bns]).to(bn.running_mean.dtype)
+            cumulative = counts.reciprocal().repeat_interleave(bn.running_mean.shape[0])
     bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
     use_stats = (not bn.training or bn.track_running_stats) and bn.running_mean is not None
-    if counts is not None and len(set(counts)) > 1:
-        # members with different histories (cumulative averages with different counts): one BN per member
-        norm = batch_norm_fn(bn, True)
-        outs = [norm(xi, m.running_mean, m.running_var, m.weight, m.bias, True, 1. / c, m.eps)
-                for xi, m, c in zip(x.chunk(S, dim=1), bns, counts)]
-        x = torch.cat(outs, dim=1)
-    else:
-        weight = bias = running_mean = running_var = None
-        if bn.weight is not None and bn.bias is not None:
-            weight, bias = torch.cat([m.weight for m in bns] + [m.bias for m in bns]).chunk(2)
-        elif bn.weight is not None or bn.bias is not None:
-            name = 'weight' if bn.weight is not None else 'bias'
-            packed = torch.cat([getattr(m, name) for m in bns])
-            weight, bias = (packed, None) if name == 'weight' else (None, packed)
-        if use_stats:
-            # one cat for both statistics (never mixed with the parameters: F.batch_norm updates them in place)
-            running_mean, running_var = torch.cat([m.running_mean for m in bns] + [m.running_var for m in bns]).chunk(2)
+    weight = bias = running_mean = running_var = None
+    if bn.weight is not None and bn.bias is not None:
+        weight, bias = torch.cat([m.weight for m in bns] + [m.bias for m in bns]).chunk(2)
+    elif bn.weight is not None or bn.bias is not None:
+        name = 'weight' if bn.weight is not None else 'bias'
+        packed = torch.cat([getattr(m, name) for m in bns])
+        weight, bias = (packed, None) if name == 'weight' else (None, packed)
+    if use_stats:
+        # one cat for both statistics (never mixed with the parameters: F.batch_norm updates them in place)
+        running_mean, running_var = torch.cat([m.running_mean for m in bns] + [m.running_var for m in bns]).chunk(2)
+    if cumulative is None:
         x = batch_norm_fn(bn, bn_training)(x, running_mean, running_var, weight, bias, bn_training, factor, bn.eps)
-        if use_stats and bn_training:  # F.batch_norm updated the packed statistics in place: write them back
-            stats = PendingStats(bns, running_mean, running_var)
-            if pending is not None:
-                pending.append(stats)
-            else:
-                write_back([stats])
+    else:
+        # F.batch_norm takes its momentum as a Python number: with momentum 1 it writes the batch statistics (the
+        # unbiased variance, as nn.BatchNorm keeps) into scratch buffers, blended here with the tensor factors
+        batch_mean, batch_var = torch.zeros_like(running_mean), torch.ones_like(running_var)
+        x = batch_norm_fn(bn, bn_training)(x, batch_mean, batch_var, weight, bias, bn_training, 1., bn.eps)
+        with torch.no_grad():
+            running_mean.copy_(batch_mean * cumulative + running_mean * (1 - cumulative))
+            running_var.copy_(batch_var * cumulative + running_var * (1 - cumulative))
+    if use_stats and bn_training:  # the packed statistics were updated in place: write them back
+        stats = PendingStats(bns, running_mean, running_var)
+        if pending is not None:
+            pending.append(stats)
+        else:
+            write_back([stats])
     for fn in post:
         x = fn(x)
     return x

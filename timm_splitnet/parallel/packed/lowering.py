@@ -5,6 +5,7 @@ with the module / function rules into a step over a slot environment, and frees 
 """
 from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -92,8 +93,12 @@ def _with_frees(steps: List[Tuple[Step, Tuple[int, ...]]], keep: int) -> List[Pr
     return [ProgramStep(step, tuple(free)) for (step, _), free in zip(steps, frees)]
 
 
+@torch.compiler.disable
 def lower_members(members: List[nn.Module], shared: bool, in_ndim: int) -> PackedProgram:
     """The S members compiled into one packed program (built from an fx trace of member 0).
+
+    Never traced by dynamo: reached inside a compiled frame (a program not built by `PackedBackend.prepare`), it
+    runs eagerly, behind a graph break.
 
     Args:
         members: The S members, same structure.
