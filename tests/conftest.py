@@ -52,11 +52,18 @@ def _torch_threads():
     """Intra-op threads of the in-process tests: 1 by default (env ``SPLITNET_TEST_THREADS`` overrides).
 
     The tests run tiny models on tiny batches, where one thread is as fast as two on an idle 2-core machine and
-    many times faster on a busy one (two spinning OpenMP threads per process). Subprocess tests set their own
-    ``OMP_NUM_THREADS``.
+    many times faster on a busy one (two spinning OpenMP threads per process). Subprocesses (train.py, validate.py,
+    torchrun) inherit the same count through ``OMP_NUM_THREADS``, so parallel test workers do not oversubscribe.
     """
     import torch
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(os.environ.get('SPLITNET_TEST_THREADS', '1')))
+    test_threads = os.environ.get('SPLITNET_TEST_THREADS', '1')
+    omp = os.environ.get('OMP_NUM_THREADS')
+    torch.set_num_threads(int(test_threads))
+    os.environ['OMP_NUM_THREADS'] = test_threads
     yield
     torch.set_num_threads(threads)
+    if omp is None:
+        os.environ.pop('OMP_NUM_THREADS', None)
+    else:
+        os.environ['OMP_NUM_THREADS'] = omp
