@@ -36,13 +36,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import create_dataset, create_loader, resolve_data_config
+from timm.data import create_loader, resolve_data_config
 from timm.data.distributed_sampler import OrderedDistributedSampler
 from timm.models import load_checkpoint
 from timm.utils import AverageMeter, accuracy
 
 import timm_splitnet  # noqa: F401  registers the splitnet_* models
 from timm_splitnet import SplitNet, count_params, load_safetensors
+from timm_splitnet.data import create_dataset
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.cli import (
     CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
@@ -237,6 +238,11 @@ def load_weights(model: nn.Module, checkpoint: str, use_ema: bool = False) -> No
 def check_data_root(args) -> str:
     """The dataset root; for folder datasets it must exist (checked before any model is built)."""
     root = resolve_data_dir(args.data, args.data_dir)
+    if args.dataset and args.dataset.lower() == 'sklearn/digits':
+        return root  # bundled with scikit-learn: no folder
+    if not root and args.dataset and not args.dataset.startswith(('folder', 'imagefolder', 'tar')):
+        raise CliError(f'--dataset {args.dataset!r} needs DIR / --data-dir (the download root of torch/ datasets); '
+                       f'only sklearn/digits comes without one.')
     if not args.dataset or args.dataset.startswith(('folder', 'imagefolder', 'tar')):
         if not root:
             raise CliError('no dataset given: pass the data folder as DIR or --data-dir DIR.')
@@ -255,16 +261,13 @@ def check_data_root(args) -> str:
 
 def _create_loader(args, data_config: Dict[str, Any], device: torch.device):
     root = check_data_root(args)
+    if args.dataset and args.dataset.lower() == 'sklearn/digits':
+        options = dict(img_size=data_config['input_size'][-1])  # the size its 8x8 images are rendered at
+    else:
+        options = dict(download=args.dataset_download, load_bytes=False, class_map=args.class_map)
     try:
-        dataset = create_dataset(
-            name=args.dataset,
-            root=root,
-            split=args.split,
-            download=args.dataset_download,
-            load_bytes=False,
-            class_map=args.class_map,
-        )
-    except (RuntimeError, FileNotFoundError, ValueError, AssertionError) as e:
+        dataset = create_dataset(args.dataset, root=root, split=args.split, **options)
+    except (RuntimeError, OSError, ValueError, TypeError, ImportError, AssertionError) as e:
         raise CliError(f'could not read dataset {args.dataset or "folder"} at {root} (split {args.split}): {e}') from e
     if len(dataset) == 0:
         raise CliError(f'no images in {root} (split {args.split}).')

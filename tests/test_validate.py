@@ -308,3 +308,12 @@ def test_validate_bad_inputs(cifar_folder, tiny_weights, tmp_path):
     # a SplitNet checkpoint loaded into a plain timm model: torch's message, shortened
     expect_error([str(cifar_folder), '-j', '0', '--device', 'cpu', '--model', 'resnet18', '--checkpoint',
                         str(safetensors_path)], 'could not load')
+
+
+def test_validate_bundled_digits_and_datasets_that_need_a_folder():
+    """sklearn/digits needs no folder (the README's main job can be validated); torch/ data sets name what is missing."""
+    results = validate.main(['--dataset', 'sklearn/digits', '--model', MODEL, '--img-size', '8', '-b', '120', '-j', '0',
+                             '--device', 'cpu', '--log-freq', '0'] + TINY_ARGS)
+    assert results[0]['num_images'] == 360  # the 20 % held-out split train.py evaluates on
+    assert 0 <= results[0]['top1'] <= 100 and results[0]['nll'] > 0
+    expect_error(['--dataset', 'torch/cifar10', '--model', MODEL] + TINY_ARGS, "'torch/cifar10' needs", '--data-dir')

@@ -232,8 +232,8 @@ def plot_reliability(curves: dict[str, dict[str, list[float]]], path: str, title
         if ci == 0:  # the first curve as bars, the others as outlines
             ax_acc.bar(lefts, accuracy, width=bin_width, align='edge', color=color, alpha=0.4, edgecolor=color, lw=1,
                        label=text)
-        else:
-            ax_acc.stairs(accuracy, edges, color=color, lw=1.5, label=text)
+        else:  # empty bins (NaN) leave a gap instead of a step down to 0
+            ax_acc.stairs(data['accuracy'], edges, color=color, lw=1.5, label=text)
         points = [(c, a) for c, a in zip(data['confidence'], data['accuracy']) if not math.isnan(a)]
         if points:
             ax_acc.plot(*zip(*points), marker='o', ms=4, lw=1, color=color,
