@@ -311,7 +311,7 @@ def test_validate_bad_inputs(cifar_folder, tiny_weights, tmp_path):
 
 
 def test_validate_bundled_digits_and_datasets_that_need_a_folder():
-    """sklearn/digits needs no folder (the README's main job can be validated); torch/ data sets name what is missing."""
+    """sklearn/digits needs no folder (the README's main job validates); torch/ data sets say what is missing."""
     results = validate.main(['--dataset', 'sklearn/digits', '--model', MODEL, '--img-size', '8', '-b', '120', '-j', '0',
                              '--device', 'cpu', '--log-freq', '0'] + TINY_ARGS)
     assert results[0]['num_images'] == 360  # the 20 % held-out split train.py evaluates on
