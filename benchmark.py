@@ -45,9 +45,9 @@ import timm_splitnet  # noqa: F401  registers the splitnet_* models
 from timm_splitnet import SplitNet, count_params, splitnet_name
 from timm_splitnet.cli import (
     CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
-    cli_session, create_model_checked, expand_model_names, finish_member_parallel, init_member_parallel_checked,
-    model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices, resolve_amp_dtype,
-    resolve_device_checked, set_split_backend,
+    check_compile_backend, cli_session, create_model_checked, expand_model_names, finish_member_parallel,
+    init_member_parallel_checked, model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices,
+    resolve_amp_dtype, resolve_device_checked, set_split_backend,
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers, cuda_devices, synchronize_devices
 
@@ -197,6 +197,8 @@ class BenchSetup:
             self.split_backend = 'loop' if self.is_split else None
         else:
             self.split_backend = set_split_backend(self.model, args.split_backend)
+            if mode != 'concurrent':
+                check_compile_backend(args.torchcompile, self.split_backend)
         self.split_factor = self.model.split_factor if self.is_split else None
         self.param_count = count_params(self.model)
         data_config = resolve_data_config(vars(args), model=self.model, use_test_size=not args.use_train_size)

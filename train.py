@@ -54,8 +54,9 @@ from timm.utils import NativeScaler, ParseKwargs, get_outdir, random_seed, updat
 
 from timm_splitnet import divide_weight_decay, export_model  # importing timm_splitnet registers the splitnet_* models
 from timm_splitnet.cli import (
-    CliError, add_member_parallel_args, as_cli_error, autocast_factory, check_rank_device, check_torchrun_env,
-    cli_errors, create_model_checked, resolve_amp_dtype, resolve_data_dir, setup_logging, torchrun_rank)
+    CliError, add_member_parallel_args, as_cli_error, autocast_factory, check_compile_backend, check_rank_device,
+    check_torchrun_env, cli_errors, create_model_checked, resolve_amp_dtype, resolve_data_dir, setup_logging,
+    torchrun_rank)
 from timm_splitnet.data import (
     DeviceViewAugment, DeviceViewLoader, MultiViewDataset, collate_views, create_dataset, create_decode_transform,
     create_eval_transform, create_random_erasing, create_train_transform)
@@ -911,9 +912,7 @@ def _train(argv=None) -> int:
         if checkpoint is not None and 'state_dict_ema' in checkpoint:
             _resume(args, checkpoint, task, ema=True)
 
-    if args.torchcompile and 'auto' in (args.split_backend, backend):
-        raise CliError('--torchcompile with --split-backend auto: the auto backend times its candidates on the first '
-                       'batch, which must not run inside the compiled graph; pass --split-backend loop or packed.')
+    check_compile_backend(args.torchcompile, 'auto' if 'auto' in (args.split_backend, backend) else backend)
     if args.torchcompile:
         task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
         if args.model_ema:

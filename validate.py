@@ -47,9 +47,9 @@ from timm_splitnet.data import create_dataset
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.cli import (
     CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
-    cli_session, create_model_checked, expand_model_names, finish_member_parallel, init_member_parallel_checked,
-    model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices, resolve_amp_dtype,
-    resolve_data_dir, resolve_device_checked, set_split_backend,
+    check_compile_backend, cli_session, create_model_checked, expand_model_names, finish_member_parallel,
+    init_member_parallel_checked, model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices,
+    resolve_amp_dtype, resolve_data_dir, resolve_device_checked, set_split_backend,
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers
 from timm_splitnet.utils.metrics import ENSEMBLE_MANNERS, CalibrationMeter, EnsembleMetrics
@@ -381,9 +381,8 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
         split_backend = 'loop' if is_split else None
     else:
         split_backend = set_split_backend(model, args.split_backend)
-    if args.torchcompile and split_backend == 'auto' and not devices:
-        raise CliError('--torchcompile with --split-backend auto: the auto backend times its candidates on the first '
-                       'batch, which must not run inside the compiled graph; pass --split-backend loop or packed.')
+    if not devices:
+        check_compile_backend(args.torchcompile, split_backend)
     if devices and not is_split:
         raise CliError(f'--devices needs a SplitNet model, {model_name} is a {type(model).__name__}.')
 

@@ -147,5 +147,7 @@ def test_benchmark_bad_inputs(tmp_path):
     expect_error(['--model', MODEL, '--devices', 'tpu'] + FAST + TINY_ARGS, 'tpu')
     expect_error(['--model', MODEL, '--precision', 'float8'] + FAST, 'float8')
     expect_error(['--model', MODEL, '--split-backend', 'nope'] + FAST + TINY_ARGS, 'nope')
+    expect_error(['--model', MODEL, '--split-backend', 'auto', '--torchcompile', 'eager'] + FAST + TINY_ARGS,
+                 '--torchcompile with --split-backend auto')
     expect_error(['--plot-from', str(tmp_path / 'missing.json'), '--plot', str(tmp_path / 'x.png')], 'not found')
     # no model at all is the default comparison now (tests/test_timm_tools.py)

@@ -31,6 +31,7 @@ __all__ = [
     'CliError', 'cli_errors', 'as_cli_error', 'cli_session', 'add_model_args', 'add_input_args', 'add_results_args',
     'add_member_parallel_args', 'resolve_data_dir', 'is_wildcard', 'expand_model_names', 'parse_splitnet_name',
     'check_model_name', 'create_any_model', 'create_model_checked', 'model_kwargs', 'set_split_backend',
+    'check_compile_backend',
     'model_gmacs', 'resolve_device_checked', 'parse_devices_checked',
     'resolve_amp_dtype', 'autocast_factory', 'write_results', 'print_results', 'setup_logging', 'TORCHRUN_ENV',
     'torchrun_rank', 'check_torchrun_env', 'check_rank_device', 'init_member_parallel_checked', 'rank_devices',
@@ -234,6 +235,14 @@ def set_split_backend(model: nn.Module, backend: Optional[str]) -> Optional[str]
     plain models). An unknown backend is reported as a CliError."""
     with as_cli_error():
         return select_split_backend(model, backend)
+
+
+def check_compile_backend(torchcompile: Optional[str], split_backend: Optional[str]) -> None:
+    """`--torchcompile` needs a backend chosen before compiling: refuse 'auto', which times its candidates on the
+    first batch (that trial must not run inside the compiled graph)."""
+    if torchcompile and split_backend == 'auto':
+        raise CliError('--torchcompile with --split-backend auto: the auto backend times its candidates on the first '
+                       'batch, which must not run inside the compiled graph; pass --split-backend loop or packed.')
 
 
 def model_gmacs(
