@@ -65,7 +65,8 @@ from timm_splitnet.task import (
     CoTrainingTask, DataParallelTraining, MemberParallelTraining, is_splitnet, validate_members)
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.models._weights import is_training_checkpoint, load_weights
-from timm_splitnet.utils.train_state import CheckpointKeeper, gather_rng_states, load_checkpoint_file, set_rng_state
+from timm_splitnet.utils.train_state import (
+    CheckpointKeeper, NotATrainingCheckpoint, gather_rng_states, load_checkpoint_file, set_rng_state)
 
 _logger = logging.getLogger('train')
 
@@ -762,19 +763,20 @@ def scaled_lr(lr_base: float, global_batch: int, base_size: int, scale: str = ''
     return lr_base * (ratio ** 0.5 if scale == 'sqrt' else ratio)
 
 
-def _check_resumable(path: str) -> None:
-    """Stop with a pointer to --initial-checkpoint when --resume names weights rather than a training checkpoint."""
-    if not os.path.isfile(path):
-        return  # load_checkpoint_file reports it
-    if not path.endswith('.safetensors'):
-        try:
-            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
-        except Exception:
-            return  # unreadable: load_checkpoint_file reports it
-        if is_training_checkpoint(checkpoint):
-            return
-    raise CliError(f'--resume {path}: the file holds weights only (no optimizer state or epoch to continue from); '
-                   f'start a new run from them with --initial-checkpoint {path}.')
+def _load_resume_checkpoint(path: str) -> Dict[str, Any]:
+    """The training checkpoint of --resume (read once); weights without a run to continue point to
+    --initial-checkpoint."""
+    weights_only = CliError(f'--resume {path}: the file holds weights only (no optimizer state or epoch to continue '
+                            f'from); start a new run from them with --initial-checkpoint {path}.')
+    try:
+        checkpoint = load_checkpoint_file(path)
+    except NotATrainingCheckpoint:
+        raise weights_only from None
+    except (FileNotFoundError, ValueError) as e:
+        raise CliError(f'--resume: {e}') from e
+    if not is_training_checkpoint(checkpoint):
+        raise weights_only
+    return checkpoint
 
 
 def _train(argv=None) -> int:
@@ -889,11 +891,7 @@ def _train(argv=None) -> int:
     checkpoint = None
     start_epoch = 0
     if args.resume:
-        _check_resumable(args.resume)
-        try:
-            checkpoint = load_checkpoint_file(args.resume)
-        except (FileNotFoundError, ValueError) as e:
-            raise CliError(f'--resume: {e}') from e
+        checkpoint = _load_resume_checkpoint(args.resume)
         _resume(args, checkpoint, task)
         start_epoch = checkpoint.get('epoch', -1) + 1
         if not args.no_resume_opt:

@@ -13,7 +13,10 @@ import torch
 
 from .checkpoint import atomic_save
 
-__all__ = ['get_rng_state', 'set_rng_state', 'gather_rng_states', 'CheckpointKeeper', 'load_checkpoint_file']
+__all__ = [
+    'get_rng_state', 'set_rng_state', 'gather_rng_states', 'CheckpointKeeper', 'load_checkpoint_file',
+    'NotATrainingCheckpoint',
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -61,16 +64,28 @@ def gather_rng_states(distributed: bool = False) -> List[Dict[str, Any]]:
     return states
 
 
+class NotATrainingCheckpoint(ValueError):
+    """A readable file that holds weights (a state dict, safetensors) but no training checkpoint."""
+
+
 def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Load a training checkpoint on the CPU (`weights_only=True`: only tensors and plain containers)."""
+    """Load a training checkpoint on the CPU (`weights_only=True`: only tensors and plain containers).
+
+    Raises:
+        FileNotFoundError: No file at `path`.
+        NotATrainingCheckpoint: The file holds weights only (safetensors, or a dict without `state_dict`).
+        ValueError: The file cannot be read as a checkpoint (truncated, not a torch file, unpickling refused).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'No checkpoint at {path}.')
+    if path.endswith('.safetensors'):
+        raise NotATrainingCheckpoint(f'{path} is a safetensors weights file, not a training checkpoint.')
     try:
         checkpoint = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # truncated file, not a checkpoint, unpickling refused
         raise ValueError(f'{path} is not a readable training checkpoint: {e}') from e
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
-        raise ValueError(f'{path} is not a training checkpoint of this script (no state_dict).')
+        raise NotATrainingCheckpoint(f'{path} is not a training checkpoint of this script (no state_dict).')
     return checkpoint
 
 
