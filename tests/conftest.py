@@ -1,6 +1,6 @@
 """ Shared pytest fixtures
 
-``cifar_folder``: a small CIFAR-shaped image folder in the ImageNet layout (32x32 RGB JPEGs, 10 classes), built
+``image_folder``: a small CIFAR-shaped image folder in the ImageNet layout (32x32 RGB JPEGs, 10 classes), built
 from data that ships with scikit-learn, so that no test needs a file outside the repository:
 ``root/train/<class>/*.jpg`` (20 per class, from the train split of ``sklearn/digits``) and
 ``root/validation/<class>/*.jpg`` (10 per class, from its validation split), classes ``'0'`` .. ``'9'``. The images
@@ -41,7 +41,7 @@ def build_digits_folder(root: Path, train_per_class: int, val_per_class: int, im
 
 
 @pytest.fixture(scope='session')
-def cifar_folder(tmp_path_factory) -> Path:
+def image_folder(tmp_path_factory) -> Path:
     """Root of a small CIFAR-shaped folder data set with ``train/`` and ``validation/`` splits (module docstring)."""
     root = tmp_path_factory.mktemp('digits_folder')
     return build_digits_folder(root, FOLDER_TRAIN_PER_CLASS, FOLDER_VAL_PER_CLASS, FOLDER_IMG_SIZE)

@@ -59,9 +59,9 @@ class _CountingTransform:
 # --- multi-view data set, collation, layout --------------------------------------------------------------------
 
 
-def test_views_are_independent(cifar_folder):
+def test_views_are_independent(image_folder):
     torch.manual_seed(0)
-    ds = MultiViewDataset(create_dataset('', root=str(cifar_folder), split='train'), num_views=2)
+    ds = MultiViewDataset(create_dataset('', root=str(image_folder), split='train'), num_views=2)
     ds.transform = _cifar_train()
     for i in range(5):
         (v0, v1), target = ds[i]
@@ -70,23 +70,23 @@ def test_views_are_independent(cifar_folder):
         assert target == ds.dataset[i][1]
 
 
-def test_same_view_repeats_one_view(cifar_folder):
-    ds = MultiViewDataset(create_dataset('', root=str(cifar_folder), split='train'), num_views=3, same_view=True)
+def test_same_view_repeats_one_view(image_folder):
+    ds = MultiViewDataset(create_dataset('', root=str(image_folder), split='train'), num_views=3, same_view=True)
     ds.transform = _cifar_train(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.5)
     views, _ = ds[0]
     assert len(views) == 3 and all(torch.equal(views[0], v) for v in views[1:])
 
 
-def test_transform_setter_rejects_split_transforms(cifar_folder):
-    ds = MultiViewDataset(create_dataset('', root=str(cifar_folder), split='train'), num_views=2)
+def test_transform_setter_rejects_split_transforms(image_folder):
+    ds = MultiViewDataset(create_dataset('', root=str(image_folder), split='train'), num_views=2)
     with pytest.raises(TypeError, match='num_aug_splits'):
         ds.transform = (None, None, None)
 
 
 @pytest.mark.parametrize('use_prefetcher', [True, False])
-def test_loader_layout_is_split_major(cifar_folder, use_prefetcher):
+def test_loader_layout_is_split_major(image_folder, use_prefetcher):
     num_views, batch_size = 2, 4
-    ds = MultiViewDataset(create_dataset('', root=str(cifar_folder), split='validation'), num_views=num_views)
+    ds = MultiViewDataset(create_dataset('', root=str(image_folder), split='validation'), num_views=num_views)
     loader = create_loader(
         ds, (3, 32, 32), batch_size, is_training=False, use_prefetcher=use_prefetcher, device=CPU, num_workers=0,
         collate_fn=None if use_prefetcher else collate_views, mean=CIFAR10_MEAN, std=CIFAR10_STD)
@@ -112,9 +112,9 @@ def test_loader_layout_is_split_major(cifar_folder, use_prefetcher):
 
 
 @pytest.mark.parametrize('use_prefetcher', [True, False])
-def test_train_loader_shapes_with_real_transform(cifar_folder, use_prefetcher):
+def test_train_loader_shapes_with_real_transform(image_folder, use_prefetcher):
     num_views, batch_size = 3, 4
-    ds = MultiViewDataset(create_dataset('', root=str(cifar_folder), split='train'), num_views=num_views)
+    ds = MultiViewDataset(create_dataset('', root=str(image_folder), split='train'), num_views=num_views)
     loader = create_loader(
         ds, (3, 32, 32), batch_size, is_training=True, use_prefetcher=use_prefetcher, device=CPU,
         num_workers=1 if use_prefetcher else 0, collate_fn=None if use_prefetcher else collate_views,
@@ -286,14 +286,14 @@ def test_import_leaves_timm_tables_untouched():
 # --- data sets --------------------------------------------------------------------------------------------------
 
 
-def _small_copy(cifar_folder: Path, dst: Path, classes=('0', '1')) -> Path:
+def _small_copy(image_folder: Path, dst: Path, classes=('0', '1')) -> Path:
     for cls in classes:
-        shutil.copytree(cifar_folder / 'train' / cls, dst / 'train' / cls)
+        shutil.copytree(image_folder / 'train' / cls, dst / 'train' / cls)
     return dst
 
 
-def test_bad_images_are_skipped_with_warning(cifar_folder, tmp_path, caplog):
-    root = _small_copy(cifar_folder, tmp_path)
+def test_bad_images_are_skipped_with_warning(image_folder, tmp_path, caplog):
+    root = _small_copy(image_folder, tmp_path)
     good = sorted((root / 'train' / '0').glob('*.jpg'))[0].read_bytes()
     truncated = root / 'train' / '0' / '0000_truncated.jpg'  # header intact: opens, fails only when decoded
     truncated.write_bytes(good[:int(len(good) * 0.8)])
@@ -322,8 +322,8 @@ def test_bad_images_are_skipped_with_warning(cifar_folder, tmp_path, caplog):
     assert sum(x.shape[0] for x, _ in loader) == 2 * 6 * (42 // 6)
 
 
-def test_too_many_bad_images_raise(cifar_folder, tmp_path):
-    root = _small_copy(cifar_folder, tmp_path, classes=('0',))
+def test_too_many_bad_images_raise(image_folder, tmp_path):
+    root = _small_copy(image_folder, tmp_path, classes=('0',))
     for i in range(3):
         (root / 'train' / '0' / f'broken_{i}.jpg').write_bytes(b'\x00' * 64)
     ds = create_dataset('', root=str(root), split='train', skip_bad_samples=False)
@@ -349,9 +349,9 @@ def test_missing_and_empty_data_dirs(tmp_path):
         create_dataset('', root=str(empty), split='validation')
 
 
-def test_cifar_folder_splits(cifar_folder):
-    train = create_dataset('', root=str(cifar_folder), split='train')
-    val = create_dataset('', root=str(cifar_folder), split='validation')
+def test_image_folder_splits(image_folder):
+    train = create_dataset('', root=str(image_folder), split='train')
+    val = create_dataset('', root=str(image_folder), split='validation')
     assert len(train) == 200 and len(val) == 100
     assert len(set(train.reader.class_to_idx)) == 10
     img, target = val[0]
@@ -359,7 +359,7 @@ def test_cifar_folder_splits(cifar_folder):
     # class folders '0'..'9' map to the digit labels; the grayscale JPEG (last of each class) is read as RGB
     assert train.reader.class_to_idx == {str(c): c for c in range(10)}
     names = [Path(n).name for n in train.filenames()]
-    gray_file = sorted((cifar_folder / 'train' / '0').glob('*.jpg'))[-1]
+    gray_file = sorted((image_folder / 'train' / '0').glob('*.jpg'))[-1]
     assert Image.open(gray_file).mode == 'L'
     gray, gray_target = train[names.index(gray_file.name)]
     assert gray.mode == 'RGB' and gray_target == 0

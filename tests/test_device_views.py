@@ -146,9 +146,9 @@ TINY = ['--model', 'splitnet_resnet110_s2', '--model-kwargs', 'layers=(1,1,1)', 
 
 
 @pytest.mark.slow
-def test_train_views_on_device(cifar_folder, tmp_path):
+def test_train_views_on_device(image_folder, tmp_path):
     train = _train_module()
-    argv = ['--data-dir', str(cifar_folder), *TINY, '--epochs', '1', '--views-on-device', '--reprob', '0.5',
+    argv = ['--data-dir', str(image_folder), *TINY, '--epochs', '1', '--views-on-device', '--reprob', '0.5',
             '--mixup', '0.2', '--output', str(tmp_path), '--experiment', 'dv']
     assert train.main(argv) == 0
     summary = (tmp_path / 'dv' / 'summary.csv').read_text().splitlines()
@@ -159,7 +159,7 @@ def test_train_views_on_device(cifar_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_benchmark_data_reports_both_paths(cifar_folder, tmp_path):
+def test_benchmark_data_reports_both_paths(image_folder, tmp_path):
     import json
     import sys
     if str(ROOT) not in sys.path:
@@ -167,7 +167,7 @@ def test_benchmark_data_reports_both_paths(cifar_folder, tmp_path):
     import benchmark
     results = tmp_path / 'data.json'
     rows = benchmark.main(['--bench', 'data', '--views', '2', '-b', '16', '-j', '0', '--num-warm-iter', '1',
-                           '--num-bench-iter', '2', '--device', 'cpu', '--data-dir', str(cifar_folder / 'train'),
+                           '--num-bench-iter', '2', '--device', 'cpu', '--data-dir', str(image_folder / 'train'),
                            '--results-file', str(results), '--results-format', 'json'])
     assert len(rows) == 1 and rows[0]['views'] == 2
     assert rows[0]['cpu_views_per_sec'] > 0 and rows[0]['device_views_per_sec'] > 0
@@ -186,9 +186,9 @@ def test_prepare_batch_channels_last_on_cpu():
 
 
 @pytest.mark.slow
-def test_torchcompile_with_auto_backend_is_refused(cifar_folder, tmp_path):
+def test_torchcompile_with_auto_backend_is_refused(image_folder, tmp_path):
     train = _train_module()
     with pytest.raises(SystemExit) as e:
-        train.main(['--data-dir', str(cifar_folder), *TINY, '--epochs', '1', '--split-backend', 'auto',
+        train.main(['--data-dir', str(image_folder), *TINY, '--epochs', '1', '--split-backend', 'auto',
                     '--torchcompile', '--output', str(tmp_path)])
     assert '--torchcompile' in str(e.value.code) and 'auto' in str(e.value.code)

@@ -11,12 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
-def tarball(cifar_folder, tmp_path_factory) -> Path:
+def tarball(image_folder, tmp_path_factory) -> Path:
     """train/<class>/*.jpg and test/<class>/*.jpg (the fixture's validation split as test/)."""
     path = tmp_path_factory.mktemp('evidence_data') / 'cifar10-jpg.tar.gz'
     with tarfile.open(path, 'w:gz') as tar:
         for split, name in (('train', 'train'), ('validation', 'test')):
-            for f in sorted((Path(cifar_folder) / split).rglob('*.jpg')):
+            for f in sorted((Path(image_folder) / split).rglob('*.jpg')):
                 tar.add(f, arcname=f'{name}/{f.parent.name}/{f.name}')
     return path
 

@@ -78,12 +78,12 @@ def weights(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def odd_folder(cifar_folder, tmp_path_factory) -> Path:
+def odd_folder(image_folder, tmp_path_factory) -> Path:
     """7 validation images (3 + 3 + 1 of three classes): two replicas get 4 + 3, the last shard padded by one."""
     root = tmp_path_factory.mktemp('odd')
-    for cls, count in zip(sorted(p.name for p in (cifar_folder / 'validation').iterdir()), (3, 3, 1)):
+    for cls, count in zip(sorted(p.name for p in (image_folder / 'validation').iterdir()), (3, 3, 1)):
         (root / 'validation' / cls).mkdir(parents=True)
-        for image in sorted((cifar_folder / 'validation' / cls).iterdir())[:count]:
+        for image in sorted((image_folder / 'validation' / cls).iterdir())[:count]:
             shutil.copy(image, root / 'validation' / cls / image.name)
     return root
 
@@ -97,8 +97,8 @@ def odd_folder(cifar_folder, tmp_path_factory) -> Path:
     ('splitnet_resnet110_s1', 'odd', 4, 7),  # two replicas of one member, each validating half of the images
 ])
 def test_validate_member_parallel_equals_single_process(
-        cifar_folder, odd_folder, weights, tmp_path, model, data, batch_size, num_images):
-    root = cifar_folder if data == 'cifar' else odd_folder
+        image_folder, odd_folder, weights, tmp_path, model, data, batch_size, num_images):
+    root = image_folder if data == 'cifar' else odd_folder
     argv = [str(root), '--model', model, '--checkpoint', str(weights[model]), '-b', str(batch_size), '-j', '0',
             '--log-freq', '0'] + TINY_ARGS
     out = tmp_path / 'results.json'
@@ -159,18 +159,18 @@ def torchrun_env(monkeypatch):
     return monkeypatch
 
 
-def test_member_parallel_needs_torchrun(cifar_folder, monkeypatch):
+def test_member_parallel_needs_torchrun(image_folder, monkeypatch):
     for key in TORCHRUN_ENV:
         monkeypatch.delenv(key, raising=False)
-    validate_argv = [str(cifar_folder), '--model', MODEL, '-j', '0', '--device', 'cpu', '--member-parallel']
+    validate_argv = [str(image_folder), '--model', MODEL, '-j', '0', '--device', 'cpu', '--member-parallel']
     expect_error(validate.main, validate_argv + TINY_ARGS, 'validate.py', 'launch validate.py with torchrun',
                  'torchrun --nproc_per_node=N validate.py ... --member-parallel', 'RANK')
     expect_error(benchmark.main, ['--model', MODEL, '--device', 'cpu', '--member-parallel'] + TINY_ARGS,
                  'benchmark.py', 'launch benchmark.py with torchrun')
 
 
-def test_member_parallel_bad_inputs(cifar_folder, torchrun_env):
-    base = [str(cifar_folder), '-j', '0', '--device', 'cpu', '--member-parallel']
+def test_member_parallel_bad_inputs(image_folder, torchrun_env):
+    base = [str(image_folder), '-j', '0', '--device', 'cpu', '--member-parallel']
     torchrun_env.setenv('WORLD_SIZE', '3')
     expect_error(validate.main, base + ['--model', MODEL] + TINY_ARGS, 'validate.py',
                  '3 processes do not fit S=2', 'Valid N for S=2: 1, 2, 4')

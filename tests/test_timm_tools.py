@@ -59,11 +59,11 @@ def test_split_factor_the_rule_does_not_define():
     assert message.startswith('benchmark.py: error:') and 'supported S: 1, 2, 4, 8' in message
 
 
-def test_unregistered_split_factor_in_benchmark_and_validate(cifar_folder):
+def test_unregistered_split_factor_in_benchmark_and_validate(image_folder):
     name = 'splitnet_resnet110_s8'  # the rule of resnet110 defines S up to 16; timm registers 1, 2, 4
     rows = benchmark.main(['--model', name, '--bench', 'infer', '--no-compare-undivided', *FAST_BENCH, *TINY_ARGS])
     assert [(r['model'], r['split_factor']) for r in rows] == [(name, 8)]
-    rows = validate.main([str(cifar_folder), '--model', name, '-b', '50', '-j', '0', '--device', 'cpu',
+    rows = validate.main([str(image_folder), '--model', name, '-b', '50', '-j', '0', '--device', 'cpu',
                           '--log-freq', '0', *TINY_ARGS])
     assert rows[0]['model'] == name and 0 <= rows[0]['top1'] <= 100
     assert {f'member{i}_top1' for i in range(8)} <= set(rows[0])
@@ -112,13 +112,13 @@ def test_resolve_data_dir(tmp_path):
         resolve_data_dir(str(tmp_path / 'a'), str(tmp_path / 'b'))
 
 
-def test_validate_data_dir_forms(cifar_folder, tmp_path):
+def test_validate_data_dir_forms(image_folder, tmp_path):
     base = ['--model', 'splitnet_resnet110_s2', '-b', '50', '-j', '0', '--device', 'cpu', '--log-freq', '0',
             *TINY_ARGS]
-    both = validate.main([str(cifar_folder), '--data-dir', str(cifar_folder), *base])
-    option = validate.main(['--data-dir', str(cifar_folder), *base])
+    both = validate.main([str(image_folder), '--data-dir', str(image_folder), *base])
+    option = validate.main(['--data-dir', str(image_folder), *base])
     assert both[0]['num_images'] == option[0]['num_images'] == 100
-    message = _error(validate.main, [str(cifar_folder), '--data-dir', str(tmp_path), *base])
+    message = _error(validate.main, [str(image_folder), '--data-dir', str(tmp_path), *base])
     assert message.startswith('validate.py: error: two data folders')
 
 
@@ -327,14 +327,14 @@ def test_drop_block_is_refused_clearly():
 
 
 @pytest.mark.slow
-def test_train_positional_dir_initial_checkpoint_layer_decay(cifar_folder, tmp_path):
+def test_train_positional_dir_initial_checkpoint_layer_decay(image_folder, tmp_path):
     weights = tmp_path / 'model.safetensors'
     start = _tiny(seed=5)
     save_safetensors(start, str(weights))
     class_map = tmp_path / 'classes.txt'
     class_map.write_text('\n'.join(str(c) for c in reversed(range(10))))
     out = tmp_path / 'out'
-    train.main([str(cifar_folder), '--model', MODEL, '--model-kwargs', 'layers=(1,1,1)', '--initial-checkpoint',
+    train.main([str(image_folder), '--model', MODEL, '--model-kwargs', 'layers=(1,1,1)', '--initial-checkpoint',
                 str(weights), '--layer-decay', '0.7', '--class-map', str(class_map), '--bce-loss', '-b', '50',
                 '--workers', '0', '--device', 'cpu', '--epochs', '1', '--output', str(out), '--experiment', 'x',
                 '--no-plot', '--head-init-scale', '1.0'])
@@ -343,7 +343,7 @@ def test_train_positional_dir_initial_checkpoint_layer_decay(cifar_folder, tmp_p
     scales = {round(g['lr_scale'], 6) for g in groups if 'lr_scale' in g}
     assert len(scales) > 2 and max(scales) == 1.0  # per-layer groups, the head at full rate
     assert checkpoint['args']['lr'] == pytest.approx(0.1 * 50 / 128)  # --lr-base scaling
-    assert checkpoint['args']['bce_loss'] and checkpoint['args']['data_dir'] == str(cifar_folder)
+    assert checkpoint['args']['bce_loss'] and checkpoint['args']['data_dir'] == str(image_folder)
 
 
 @pytest.mark.parametrize('num_batches,accum', [(10, 1), (10, 3), (9, 3), (2, 4), (1, 1), (7, 2)])

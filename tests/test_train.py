@@ -1,6 +1,6 @@
 """ End-to-end tests of train.py (CPU, tiny settings)
 
-`train.main(argv)` runs in-process on the 200-image `cifar_folder` (digits as 32x32 JPEGs, tests/conftest.py).
+`train.main(argv)` runs in-process on the 200-image `image_folder` (digits as 32x32 JPEGs, tests/conftest.py).
 The 2-epoch run that the export and resume tests share uses the registered `splitnet_resnet110_s2` as it is; the
 other runs give its members one block per stage (`--model-kwargs layers=(1,1,1)`) so that an epoch takes about a
 second.
@@ -58,10 +58,10 @@ def _error(*argv) -> str:
 
 
 @pytest.fixture(scope='module')
-def trained(cifar_folder, tmp_path_factory):
+def trained(image_folder, tmp_path_factory):
     """A 2-epoch run of the full splitnet_resnet110_s2 with multi-view augmentation and mixup (prefetcher on)."""
     out = tmp_path_factory.mktemp('train')
-    _run('--data-dir', cifar_folder, *FULL, *AUGMENT, '--epochs', 2, '--output', out, '--experiment', 'full')
+    _run('--data-dir', image_folder, *FULL, *AUGMENT, '--epochs', 2, '--output', out, '--experiment', 'full')
     return out / 'full'
 
 
@@ -113,9 +113,9 @@ def test_export_reloads_through_timm(trained):
     assert members.shape == (2, 4, 10)
 
 
-def test_resume_continues_exactly(trained, cifar_folder, tmp_path):
+def test_resume_continues_exactly(trained, image_folder, tmp_path):
     """Stop after epoch 0, resume: epoch 1 and the final weights equal the uninterrupted run's."""
-    common = ['--data-dir', cifar_folder, *FULL, *AUGMENT, '--epochs', 2, '--output', tmp_path, '--experiment', 'part']
+    common = ['--data-dir', image_folder, *FULL, *AUGMENT, '--epochs', 2, '--output', tmp_path, '--experiment', 'part']
     _run(*common, '--stop-epoch', 0)
     part = tmp_path / 'part'
     assert [r['epoch'] for r in _summary(part)] == ['0']
@@ -132,9 +132,9 @@ def test_resume_continues_exactly(trained, cifar_folder, tmp_path):
         torch.testing.assert_close(resumed['state_dict'][key], value, rtol=1e-6, atol=1e-7, msg=key)
 
 
-def test_no_prefetcher_same_view_ema_accum(cifar_folder, tmp_path):
+def test_no_prefetcher_same_view_ema_accum(image_folder, tmp_path):
     """Without the prefetcher (collate_views), one shared view, EMA, gradient accumulation and clipping."""
-    _run('--data-dir', cifar_folder, *TINY, *AUGMENT, '--epochs', 1, '--no-prefetcher', '--same-view',
+    _run('--data-dir', image_folder, *TINY, *AUGMENT, '--epochs', 1, '--no-prefetcher', '--same-view',
          '--model-ema', '--model-ema-decay', '0.9', '--grad-accum-steps', '2', '--clip-grad', '1.0',
          '--channels-last', '--output', tmp_path, '--experiment', 'x')
     rows = _summary(tmp_path / 'x')
@@ -144,8 +144,8 @@ def test_no_prefetcher_same_view_ema_accum(cifar_folder, tmp_path):
     assert (tmp_path / 'x' / 'model.safetensors').is_file()
 
 
-def test_no_prefetcher_multi_view(cifar_folder, tmp_path):
-    _run('--data-dir', cifar_folder, *TINY, '--epochs', 1, '--no-prefetcher', '--reprob', '0.5', '--mixup', '0.2',
+def test_no_prefetcher_multi_view(image_folder, tmp_path):
+    _run('--data-dir', image_folder, *TINY, '--epochs', 1, '--no-prefetcher', '--reprob', '0.5', '--mixup', '0.2',
          '--split-views', '--cot-loss', 'kl', '--wd-divide', 'exp', '--no-plot', '--output', tmp_path,
          '--experiment', 'x')
     rows = _summary(tmp_path / 'x')
@@ -154,9 +154,9 @@ def test_no_prefetcher_multi_view(cifar_folder, tmp_path):
     assert max(g['weight_decay'] for g in groups['param_groups']) == pytest.approx(1e-4 * math.exp(1 / 2 - 1))  # eq. 6
 
 
-def test_rrc_pipeline(cifar_folder, tmp_path):
+def test_rrc_pipeline(image_folder, tmp_path):
     """timm's RandomResizedCrop pipeline (ImageNet recipes) with AutoAugment and per-view erasing on the device."""
-    _run('--data-dir', cifar_folder, *TINY, '--epochs', 1, '--train-crop-mode', 'rrc', '--aa', 'original',
+    _run('--data-dir', image_folder, *TINY, '--epochs', 1, '--train-crop-mode', 'rrc', '--aa', 'original',
          '--reprob', '0.5', '--smoothing', '0.1', '--no-plot', '--output', tmp_path, '--experiment', 'x')
     assert len(_summary(tmp_path / 'x')) == 1
 
@@ -194,27 +194,27 @@ def test_empty_data_dir(tmp_path):
     assert 'No image files' in message
 
 
-def test_resume_checkpoint_of_another_model(trained, cifar_folder, tmp_path):
+def test_resume_checkpoint_of_another_model(trained, image_folder, tmp_path):
     message = _error(
-        '--data-dir', cifar_folder, *TINY, '--model', 'splitnet_wrn16_8_s2', '--model-kwargs', 'widen_factor=1',
+        '--data-dir', image_folder, *TINY, '--model', 'splitnet_wrn16_8_s2', '--model-kwargs', 'widen_factor=1',
         '--resume', trained / 'last.pth.tar', '--epochs', 1, '--output', tmp_path)
     assert MODEL in message and 'splitnet_wrn16_8_s2' in message
 
 
-def test_resume_unreadable_checkpoint(cifar_folder, tmp_path):
+def test_resume_unreadable_checkpoint(image_folder, tmp_path):
     bad = tmp_path / 'last.pth.tar'
     bad.write_bytes(b'not a checkpoint')
     assert 'not a readable training checkpoint' in _error(
-        '--data-dir', cifar_folder, *TINY, '--resume', bad, '--epochs', 1, '--output', tmp_path)
+        '--data-dir', image_folder, *TINY, '--resume', bad, '--epochs', 1, '--output', tmp_path)
 
 
-def test_split_views_needs_a_splitnet(cifar_folder, tmp_path):
-    message = _error('--data-dir', cifar_folder, *TINY, '--model', 'resnet10t', '--split-views', '--epochs', 1,
+def test_split_views_needs_a_splitnet(image_folder, tmp_path):
+    message = _error('--data-dir', image_folder, *TINY, '--model', 'resnet10t', '--split-views', '--epochs', 1,
                      '--output', tmp_path)
     assert '--split-views needs a SplitNet' in message and 'resnet10t' in message
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_folder, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(image_folder, tmp_path, monkeypatch):
     from timm_splitnet.task import CoTrainingTask
     forward = CoTrainingTask.forward
 
@@ -225,7 +225,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_folder, tmp_path, m
         return result
 
     monkeypatch.setattr(CoTrainingTask, 'forward', nan_in_epoch_1)
-    message = _error('--data-dir', cifar_folder, *TINY, '--epochs', 3, '--output', tmp_path, '--experiment', 'x')
+    message = _error('--data-dir', image_folder, *TINY, '--epochs', 3, '--output', tmp_path, '--experiment', 'x')
     assert 'NaN or infinite' in message and 'epoch 1' in message and 'last.pth.tar' in message
     last = torch.load(tmp_path / 'x' / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert last['epoch'] == 0
@@ -233,9 +233,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(cifar_folder, tmp_path, m
     assert [r['epoch'] for r in _summary(tmp_path / 'x')] == ['0']
 
 
-def test_unreadable_images_are_skipped_and_counted(cifar_folder, tmp_path):
+def test_unreadable_images_are_skipped_and_counted(image_folder, tmp_path):
     data = tmp_path / 'data'
-    shutil.copytree(cifar_folder, data)
+    shutil.copytree(image_folder, data)
     good = sorted((data / 'train' / '0').iterdir())[0]
     (data / 'train' / '0' / 'truncated.jpg').write_bytes(good.read_bytes()[:300])
     _run('--data-dir', data, *TINY, '--epochs', 1, '--no-plot', '--output', tmp_path, '--experiment', 'x')

@@ -21,12 +21,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason='torch.distributed is not available')
-def test_ddp_two_cpu_processes(cifar_folder, tmp_path):
+def test_ddp_two_cpu_processes(image_folder, tmp_path):
     python_path = os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')])
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=python_path)
     cmd = [
         sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', f'--master_port={_free_port()}',
-        str(ROOT / 'train.py'), '--data-dir', str(cifar_folder), '--model', 'splitnet_resnet110_s2',
+        str(ROOT / 'train.py'), '--data-dir', str(image_folder), '--model', 'splitnet_resnet110_s2',
         '--model-kwargs', 'layers=(1,1,1)', '-b', '16', '--workers', '0', '--device', 'cpu', '--epochs', '1',
         '--mixup', '0.2', '--reprob', '0.25', '--log-interval', '100', '--no-plot', '--output', str(tmp_path),
         '--experiment', 'ddp',

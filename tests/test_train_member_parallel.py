@@ -1,6 +1,6 @@
 """ train.py --member-parallel under torchrun: 2 CPU processes (gloo), one member per process
 
-The runs use the tiny `splitnet_resnet110_s2 --model-kwargs layers=(1,1,1)` on the 200-image `cifar_folder`:
+The runs use the tiny `splitnet_resnet110_s2 --model-kwargs layers=(1,1,1)` on the 200-image `image_folder`:
 
 * a 2-epoch member-parallel run (mixup + cutmix, gradient clipping, EMA) writes the summary, the checkpoints in the
   single-process layout and an export that timm loads; one process holding both members (`--nproc_per_node=1`,
@@ -99,20 +99,20 @@ def _group_layout(optimizer_state):
 # ----- runs shared by the tests -----
 
 @pytest.fixture(scope='module')
-def mp_run(cifar_folder, tmp_path_factory):
+def mp_run(image_folder, tmp_path_factory):
     """A 2-epoch member-parallel run on 2 processes."""
     out = tmp_path_factory.mktemp('train_mp')
-    proc, output, _ = _torchrun('--data-dir', cifar_folder, *TINY, *FEATURES, '--epochs', 2, '--output', out,
+    proc, output, _ = _torchrun('--data-dir', image_folder, *TINY, *FEATURES, '--epochs', 2, '--output', out,
                                 '--experiment', 'mp', '--member-parallel', cwd=out)
     assert proc.returncode == 0, output[-4000:]
     return out / 'mp', output
 
 
 @pytest.fixture(scope='module')
-def single_run(cifar_folder, tmp_path_factory):
+def single_run(image_folder, tmp_path_factory):
     """Epoch 0 of 2 of a single-process run (in this process)."""
     out = tmp_path_factory.mktemp('train_single')
-    _run('--data-dir', cifar_folder, *TINY, '--epochs', 2, '--stop-epoch', 0, '--output', out, '--experiment', 'sp')
+    _run('--data-dir', image_folder, *TINY, '--epochs', 2, '--stop-epoch', 0, '--output', out, '--experiment', 'sp')
     return out / 'sp'
 
 
@@ -164,9 +164,9 @@ def test_member_parallel_checkpoint_layout(mp_run, single_run):
 
 @pytest.mark.slow
 @requires_dist
-def test_one_process_holding_both_members_trains_alike(mp_run, cifar_folder, tmp_path):
+def test_one_process_holding_both_members_trains_alike(mp_run, image_folder, tmp_path):
     """The same run on one process (both members, the same samples, views and mixup draws): equal metrics."""
-    proc, output, _ = _torchrun('--data-dir', cifar_folder, *TINY, *FEATURES, '--epochs', 2, '--output', tmp_path,
+    proc, output, _ = _torchrun('--data-dir', image_folder, *TINY, *FEATURES, '--epochs', 2, '--output', tmp_path,
                                 '--experiment', 'one', '--member-parallel', nproc=1, cwd=tmp_path)
     assert proc.returncode == 0, output[-4000:]
     # abs 1e-4: the small co-training loss, ECE (bin edges) and pairwise KL differ in the 5th decimal between one and
@@ -180,8 +180,8 @@ def test_one_process_holding_both_members_trains_alike(mp_run, cifar_folder, tmp
 
 @pytest.mark.slow
 @requires_dist
-def test_member_parallel_checkpoint_resumes_in_single_process(mp_run, cifar_folder, tmp_path):
-    _run('--data-dir', cifar_folder, *TINY, '--model-ema', '--epochs', 3, '--resume', mp_run[0] / 'last.pth.tar',
+def test_member_parallel_checkpoint_resumes_in_single_process(mp_run, image_folder, tmp_path):
+    _run('--data-dir', image_folder, *TINY, '--model-ema', '--epochs', 3, '--resume', mp_run[0] / 'last.pth.tar',
          '--output', tmp_path, '--experiment', 'x')
     assert [r['epoch'] for r in _summary(tmp_path / 'x')] == ['2']
     resumed = _checkpoint(tmp_path / 'x' / 'last.pth.tar')
@@ -192,9 +192,9 @@ def test_member_parallel_checkpoint_resumes_in_single_process(mp_run, cifar_fold
 
 @pytest.mark.slow
 @requires_dist
-def test_single_process_checkpoint_resumes_member_parallel(single_run, cifar_folder, tmp_path):
+def test_single_process_checkpoint_resumes_member_parallel(single_run, image_folder, tmp_path):
     """Without the prefetcher (collate_views) and, at the end, the export of the resumed run."""
-    proc, output, _ = _torchrun('--data-dir', cifar_folder, *TINY, '--no-prefetcher', '--epochs', 2, '--resume',
+    proc, output, _ = _torchrun('--data-dir', image_folder, *TINY, '--no-prefetcher', '--epochs', 2, '--resume',
                                 single_run / 'last.pth.tar', '--output', tmp_path, '--experiment', 'x',
                                 '--member-parallel', cwd=tmp_path)
     assert proc.returncode == 0, output[-4000:]
@@ -209,19 +209,19 @@ def test_single_process_checkpoint_resumes_member_parallel(single_run, cifar_fol
 
 # ----- (c) errors -----
 
-def test_member_parallel_needs_torchrun(cifar_folder, tmp_path, monkeypatch):
+def test_member_parallel_needs_torchrun(image_folder, tmp_path, monkeypatch):
     for key in TORCHRUN_ENV:
         monkeypatch.delenv(key, raising=False)
     with pytest.raises(SystemExit) as e:
-        _run('--data-dir', cifar_folder, *TINY, '--epochs', 1, '--output', tmp_path, '--member-parallel')
+        _run('--data-dir', image_folder, *TINY, '--epochs', 1, '--output', tmp_path, '--member-parallel')
     message = str(e.value.code)
     assert 'launch train.py with torchrun' in message and '--nproc_per_node=N' in message
 
 
 @pytest.mark.slow
 @requires_dist
-def test_process_count_that_does_not_fit(cifar_folder, tmp_path):
-    proc, output, _ = _torchrun('--data-dir', cifar_folder, *TINY, '--epochs', 1, '--output', tmp_path,
+def test_process_count_that_does_not_fit(image_folder, tmp_path):
+    proc, output, _ = _torchrun('--data-dir', image_folder, *TINY, '--epochs', 1, '--output', tmp_path,
                                 '--member-parallel', nproc=3, cwd=tmp_path)
     assert proc.returncode != 0
     assert 'train.py: error: member-parallel: 3 processes do not fit S=2 members' in output, output[-4000:]
@@ -231,10 +231,10 @@ def test_process_count_that_does_not_fit(cifar_folder, tmp_path):
 @pytest.mark.slow
 @requires_dist
 @pytest.mark.parametrize('mode', ['die', 'stall'])
-def test_failing_rank_stops_the_job(cifar_folder, tmp_path, mode):
+def test_failing_rank_stops_the_job(image_folder, tmp_path, mode):
     """Rank 1 dies (or hangs) in its third training step: the job ends non-zero in bounded time, naming rank 1."""
     proc, output, elapsed = _torchrun(
-        mode, 1, 2, '--', '--data-dir', cifar_folder, *TINY, '--epochs', 1, '--output', tmp_path,
+        mode, 1, 2, '--', '--data-dir', image_folder, *TINY, '--epochs', 1, '--output', tmp_path,
         '--member-parallel', '--dist-timeout', 5, script=FAULT, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0, output[-4000:]
     assert elapsed < 60, f'took {elapsed:.0f} s'

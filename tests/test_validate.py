@@ -119,16 +119,16 @@ def test_device_meters_equal_per_batch_average_meters():
 # ----- end to end on CIFAR-10 images -----
 
 @pytest.fixture(scope='module')
-def sequential_run(cifar_folder, tiny_weights, tmp_path_factory):
+def sequential_run(image_folder, tiny_weights, tmp_path_factory):
     """validate.py of the tiny .safetensors weights (sequential members), and its JSON results file."""
     _, safetensors_path, _ = tiny_weights
     out = tmp_path_factory.mktemp('results') / 'results.json'
     results = run_validate(
-        cifar_folder, '--checkpoint', str(safetensors_path), '--results-file', str(out), '--results-format', 'json')
+        image_folder, '--checkpoint', str(safetensors_path), '--results-file', str(out), '--results-format', 'json')
     return results, out
 
 
-def test_validate_safetensors_metrics(cifar_folder, tiny_weights, sequential_run):
+def test_validate_safetensors_metrics(image_folder, tiny_weights, sequential_run):
     model = tiny_weights[0]
     results, out = sequential_run
     assert len(results) == 1
@@ -148,7 +148,7 @@ def test_validate_safetensors_metrics(cifar_folder, tiny_weights, sequential_run
     # independent computation from the same images: timm's loader + the loaded model's member logits
     config = resolve_data_config({}, model=model)
     loader = create_loader(
-        create_dataset('', root=str(cifar_folder), split='validation'), config['input_size'], 100,
+        create_dataset('', root=str(image_folder), split='validation'), config['input_size'], 100,
         interpolation=config['interpolation'], mean=config['mean'], std=config['std'], crop_pct=config['crop_pct'],
         num_workers=0, device=torch.device('cpu'))
     images, target = next(iter(loader))
@@ -194,12 +194,12 @@ def hand_calibration(probs: torch.Tensor, target: torch.Tensor, num_bins: int = 
         'ece': sum(gaps) / len(target)}
 
 
-def test_validate_calibration_keys_and_reliability_plot(cifar_folder, tmp_path):
+def test_validate_calibration_keys_and_reliability_plot(image_folder, tmp_path):
     """`validate.py DATA --model splitnet_resnet110_s2 --num-classes 10 --results-format json --results-file r.json
     --reliability-plot rel.png`: the calibration and diversity keys, and a PNG reliability diagram."""
     results_file, png = tmp_path / 'r.json', tmp_path / 'rel.png'
     r = validate.main([
-        str(cifar_folder), '--model', MODEL, '--num-classes', '10', '--results-format', 'json',
+        str(image_folder), '--model', MODEL, '--num-classes', '10', '--results-format', 'json',
         '--results-file', str(results_file), '--reliability-plot', str(png), '-j', '0', '--device', 'cpu',
         '--log-freq', '0'])[0]
     assert json.loads(results_file.read_text()) == [dict(r)]
@@ -217,11 +217,11 @@ def test_validate_calibration_keys_and_reliability_plot(cifar_folder, tmp_path):
         assert image.format == 'PNG' and image.size[0] > 200 and image.size[1] > 200
 
 
-def test_validate_concurrent_same_accuracies(cifar_folder, tiny_weights, sequential_run):
+def test_validate_concurrent_same_accuracies(image_folder, tiny_weights, sequential_run):
     """Members on two CPU "devices" in two threads: the sequential run's accuracies; --ensemble picks top1."""
     r = sequential_run[0][0]
     c = run_validate(  # the weights through timm's pretrained path this time
-        cifar_folder, '--pretrained-path', str(tiny_weights[1]), '--devices', 'cpu,cpu', '--ensemble', 'softmax_max')[0]
+        image_folder, '--pretrained-path', str(tiny_weights[1]), '--devices', 'cpu,cpu', '--ensemble', 'softmax_max')[0]
     assert c['split_mode'] == 'concurrent' and c['device'] == 'cpu,cpu' and c['ensemble'] == 'softmax_max'
     assert 'ens_mean_top1' not in c
     assert (c['top1'], c['top5']) == (c['ens_softmax_max_top1'], c['ens_softmax_max_top5'])
@@ -234,11 +234,11 @@ def test_validate_concurrent_same_accuracies(cifar_folder, tiny_weights, sequent
         assert c[key] == pytest.approx(r[key], rel=1e-4, abs=1e-5), key
 
 
-def test_validate_pth_tar_ema(cifar_folder, tiny_weights, sequential_run, tmp_path):
+def test_validate_pth_tar_ema(image_folder, tiny_weights, sequential_run, tmp_path):
     """A timm train checkpoint (DDP 'module.' keys, EMA weights) through timm's load_checkpoint; CSV results."""
     r = sequential_run[0][0]
     out = tmp_path / 'results.csv'
-    ema = run_validate(cifar_folder, '--checkpoint', str(tiny_weights[2]), '--use-ema', '--results-file', str(out))[0]
+    ema = run_validate(image_folder, '--checkpoint', str(tiny_weights[2]), '--use-ema', '--results-file', str(out))[0]
     for key in r:
         if key.endswith(('top1', 'top5')) or key == 'loss':
             assert ema[key] == pytest.approx(r[key], abs=1e-3), key
@@ -246,10 +246,10 @@ def test_validate_pth_tar_ema(cifar_folder, tiny_weights, sequential_run, tmp_pa
     assert len(rows) == 1 and rows[0]['model'] == MODEL and float(rows[0]['top1']) == pytest.approx(ema['top1'])
 
 
-def test_validate_model_list_csv(cifar_folder, tmp_path):
+def test_validate_model_list_csv(image_folder, tmp_path):
     out = tmp_path / 'results.csv'
     results = validate.main([
-        '--data-dir', str(cifar_folder), '--model-list', 'splitnet_resnet110_s1,splitnet_resnet110_s4',
+        '--data-dir', str(image_folder), '--model-list', 'splitnet_resnet110_s1,splitnet_resnet110_s4',
         '-b', '100', '-j', '0', '--device', 'cpu', '--log-freq', '0', '--results-file', str(out),
         '--reliability-plot', str(tmp_path / 'rel.png')] + TINY_ARGS)
     assert [r['model'] for r in results] == ['splitnet_resnet110_s1', 'splitnet_resnet110_s4']
@@ -263,8 +263,8 @@ def test_validate_model_list_csv(cifar_folder, tmp_path):
         assert (tmp_path / f'rel-{name}.png').is_file(), name
 
 
-def test_validate_plain_timm_model(cifar_folder):
-    r = run_validate(cifar_folder, '--num-classes', '10', '--img-size', '32', model='resnet18', tiny=False)[0]
+def test_validate_plain_timm_model(image_folder):
+    r = run_validate(image_folder, '--num-classes', '10', '--img-size', '32', model='resnet18', tiny=False)[0]
     assert r['model'] == 'resnet18' and 0 <= r['top1'] <= r['top5'] <= 100
     assert not any(k.startswith(('member', 'ens_', 'split_')) for k in r)
     assert 'disagreement' not in r and 'pairwise_kl' not in r
@@ -284,12 +284,12 @@ def expect_error(argv, *fragments):
     return message
 
 
-def test_validate_bad_inputs(cifar_folder, tiny_weights, tmp_path):
+def test_validate_bad_inputs(image_folder, tiny_weights, tmp_path):
     _, safetensors_path, _ = tiny_weights
-    base = [str(cifar_folder), '-j', '0', '--device', 'cpu'] + TINY_ARGS
+    base = [str(image_folder), '-j', '0', '--device', 'cpu'] + TINY_ARGS
     expect_error(base + ['--model', 'splitnet_resnet11_s2'], 'unknown model', 'splitnet_resnet110_s2')
-    expect_error([str(cifar_folder), '--model', 'resnet18', '--device', 'tpu'], 'tpu')
-    expect_error([str(cifar_folder), '--model', 'resnet18', '--device', 'cuda:99'], 'cuda:99')
+    expect_error([str(image_folder), '--model', 'resnet18', '--device', 'tpu'], 'tpu')
+    expect_error([str(image_folder), '--model', 'resnet18', '--device', 'cuda:99'], 'cuda:99')
     expect_error(base + ['--model', MODEL, '--devices', 'cpu,cuda:99'], 'cuda:99')
     expect_error(base + ['--model', MODEL, '--split-backend', 'auto', '--torchcompile', 'eager'],
                  '--torchcompile with --split-backend auto')
@@ -306,7 +306,7 @@ def test_validate_bad_inputs(cifar_folder, tiny_weights, tmp_path):
     torch.save({'state_dict': timm.create_model('resnet18', num_classes=100).state_dict()}, r18_path)
     expect_error(base + ['--model', MODEL, '--checkpoint', str(r18_path)], 'do not fit')
     # a SplitNet checkpoint loaded into a plain timm model: torch's message, shortened
-    expect_error([str(cifar_folder), '-j', '0', '--device', 'cpu', '--model', 'resnet18', '--checkpoint',
+    expect_error([str(image_folder), '-j', '0', '--device', 'cpu', '--model', 'resnet18', '--checkpoint',
                         str(safetensors_path)], 'could not load')
 
 
