@@ -80,7 +80,32 @@ def _reliability(state: list[float], num_bins: int, scale: float = 1.) -> dict[s
     )
 
 
-class CalibrationMeter:
+class _DeviceSums:
+    """Sums kept in one tensor `state` on the device: reset, summed over processes, read on the host once."""
+
+    state: torch.Tensor
+    _host: list[float] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    def reset(self) -> None:
+        self.state.zero_()
+        self._host = None
+
+    def all_reduce(self, group=None) -> None:
+        """Sum the accumulators over the processes of `group` (torch.distributed, every process calls it)."""
+        torch.distributed.all_reduce(self.state, group=group)
+        self._host = None
+
+    def _host_state(self) -> list[float]:
+        if self._host is None:
+            self._host = self.state.tolist()  # the one host sync
+        return self._host
+
+
+class CalibrationMeter(_DeviceSums):
     """Streaming NLL, Brier score and top-1 expected calibration error of one predictive distribution.
 
     Accumulates per-bin sample counts, confidence sums and correct counts, and NLL and Brier sums, on the device
@@ -113,14 +138,6 @@ class CalibrationMeter:
         # inner bin edges: bucketize(conf, edges) = b for conf in (b / n, (b + 1) / n]
         self._edges = torch.linspace(0, 1, num_bins + 1, dtype=state.dtype, device=state.device)[1:-1]
         self._host: list[float] | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self.state.device
-
-    def reset(self) -> None:
-        self.state.zero_()
-        self._host = None
 
     def update(self, scores: torch.Tensor, target: torch.Tensor, probs: bool = False) -> None:
         """Add a batch.
@@ -157,16 +174,6 @@ class CalibrationMeter:
         self.state[3 * n:].add_(torch.stack([nll, brier, probs.new_full((), len(target))]))  # a fill, not a copy
         self._host = None
 
-    def all_reduce(self, group=None) -> None:
-        """Sum the accumulators over the processes of `group` (torch.distributed, every process calls it)."""
-        torch.distributed.all_reduce(self.state, group=group)
-        self._host = None
-
-    def _host_state(self) -> list[float]:
-        if self._host is None:
-            self._host = self.state.tolist()  # the one host sync
-        return self._host
-
     def compute(self) -> dict[str, float]:
         """`nll`, `brier`, `ece` over the samples seen (NaN without samples)."""
         return _calibration(self._host_state(), self.num_bins)
@@ -177,7 +184,7 @@ class CalibrationMeter:
         return _reliability(self._host_state(), self.num_bins)
 
 
-class EnsembleMetrics:
+class EnsembleMetrics(_DeviceSums):
     """Streaming calibration of an ensemble, of its members, and the members' diversity, in one pass.
 
     `update(member_logits [S, B, C], target [B])` per batch; `compute()` returns flat keys (definitions in the module
@@ -229,14 +236,6 @@ class EnsembleMetrics:
         self.members = [CalibrationMeter(num_bins, state=view) for view in views[len(evaluated):]]
         self._host: list[float] | None = None
 
-    @property
-    def device(self) -> torch.device:
-        return self.state.device
-
-    def reset(self) -> None:
-        self.state.zero_()
-        self._host = None
-
     def update(self, member_logits: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch of member logits [S, B, C] and class indices [B]."""
         if member_logits.ndim != 3 or member_logits.shape[0] != self.num_members:
@@ -258,16 +257,6 @@ class EnsembleMetrics:
             kl = cross.diagonal()[:, None] - cross
             self.state[-2:].add_(torch.stack([disagree, kl.sum() - kl.diagonal().sum()]))
         self._host = None
-
-    def all_reduce(self, group=None) -> None:
-        """Sum the accumulators over the processes of `group` (torch.distributed, every process calls it)."""
-        torch.distributed.all_reduce(self.state, group=group)
-        self._host = None
-
-    def _host_state(self) -> list[float]:
-        if self._host is None:
-            self._host = self.state.tolist()  # the one host sync
-        return self._host
 
     def _meter_states(self) -> list[list[float]]:
         size = 3 * self.num_bins + _STATS
