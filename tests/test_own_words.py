@@ -122,6 +122,23 @@ def test_copied_help_is_found(tmp_path, variant):
     assert copied_help_texts([script], {sha1('another text of twenty characters')}, root=tmp_path)[0] == []
 
 
+def test_validate_progress_line_keeps_its_layout():
+    """validate.py's progress line is our code, but log readers parse its layout: fields, widths, two spaces apart."""
+    from timm.utils import AverageMeter
+    sys.path.insert(0, str(REPO))
+    try:
+        import validate
+    finally:
+        sys.path.remove(str(REPO))
+    meters = [AverageMeter() for _ in range(4)]
+    for meter, values in zip(meters, [(0.0, 0.5), (2.7654, 1.2346), (100., 50.), (75., 100.)]):
+        for v in values:
+            meter.update(v)
+    line = validate.progress_line(7, 100, meters[0], 128, *meters[1:])
+    assert line == ('Test: [   7/100]  Time: 0.500s (0.250s,  512.00/s)  Loss:  1.2346 (2.0000)  '
+                    'Acc@1:  50.000 ( 75.000)  Acc@5: 100.000 ( 87.500)')
+
+
 def _generate(timm_root: Path, extra_lists: List[Path]) -> None:
     hashes = set()
     scanned = []
