@@ -61,8 +61,8 @@ parser.add_argument('--bench', default='both', type=str, choices=['infer', 'trai
                     help='benchmark mode: "both", "infer", "train", or "data": views/s of the CPU multi-view loader '
                          'and of the views made on the device (train.py --views-on-device) (default: both)')
 parser.add_argument('--num-warm-iter', default=10, type=int,
-                    help='number of warmup iterations (default: 10; at least 1 with --member-parallel)')
-parser.add_argument('--num-bench-iter', default=40, type=int, help='number of benchmark iterations (default: 40)')
+                    help='untimed steps run before the timed ones (default: 10; at least 1 with --member-parallel)')
+parser.add_argument('--num-bench-iter', default=40, type=int, help='timed steps per result (default: 40)')
 parser.add_argument('--device', default=None, type=str,
                     help='device of the sequential / undivided runs (default: first of --devices, else cuda if '
                          'available, else cpu); with --member-parallel: cuda = cuda:LOCAL_RANK')
@@ -73,15 +73,17 @@ parser.add_argument('--streams', action='store_true', default=False,
 parser.add_argument('--compare-undivided', action=argparse.BooleanOptionalAction, default=None,
                     help='also benchmark the undivided splitnet_<arch>_s1 model (default: on for SplitNets with S>1)')
 parser.add_argument('--use-train-size', action='store_true', default=False,
-                    help='run inference at train size, not test-input-size if it exists')
+                    help='time at the pretrained cfg\'s input_size, not its test_input_size (where one is set)')
 parser.add_argument('--amp', action='store_true', default=False,
-                    help='use PyTorch Native AMP for mixed precision training. Overrides --precision arg.')
+                    help='mixed precision: autocast in --amp-dtype, float32 weights (replaces --precision)')
 parser.add_argument('--amp-dtype', default='float16', type=str,
-                    help='lower precision AMP dtype (default: float16). Overrides --precision arg if args.amp True.')
+                    help='autocast type of --amp: float16 (half) or bfloat16 (default: float16)')
 parser.add_argument('--precision', default='float32', type=str,
-                    help='numeric precision. One of (amp, amp_float16, amp_bfloat16, float16, bfloat16, float32)')
+                    help='amp / amp_float16 / amp_bfloat16: float32 weights under float16 / bfloat16 autocast; '
+                         'float16, bfloat16: weights and inputs in that type (default: float32)')
 parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
-                    help='enable compilation w/ specified backend (default: inductor); not for concurrent runs')
+                    help='torch.compile with this backend (inductor if the flag has no value); not for concurrent '
+                         'runs')
 parser.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='train benchmark optimizer')
 parser.add_argument('--lr', default=1e-4, type=float, metavar='LR', help='train benchmark learning rate')
 parser.add_argument('--cot-weight', default=0.5, type=float,
