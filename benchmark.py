@@ -859,7 +859,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
 def _plot(rows: List[Dict[str, Any]], path: str) -> None:
     from timm_splitnet.plots import plot_latency
     plot_latency(rows, path)
-    _logger.info(f'Latency plot written to {path}')
+    _logger.info(f'Plot written to {path}')
 
 
 if __name__ == '__main__':
