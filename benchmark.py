@@ -59,7 +59,7 @@ from timm_splitnet.cli import (
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers, cuda_devices, synchronize_devices
 from timm_splitnet.utils.benchmarking import (
-    Variant, format_summary, ratio_fields, run_paired, steps_per_round, verdicts,
+    Variant, clock_kind, device_clock, format_summary, ratio_fields, run_paired, steps_per_round, verdicts,
 )
 
 _logger = logging.getLogger('benchmark')
@@ -81,6 +81,11 @@ parser.add_argument('--rounds', default=10, type=int, metavar='R',
 parser.add_argument('--min-time', default=0., type=float, metavar='SECONDS',
                     help='add rounds until the timed steps of a comparison reach this many seconds (default: 0: '
                          'just --rounds; member-parallel runs use --rounds only)')
+parser.add_argument('--clock', default='auto', type=str, choices=['auto', 'wall', 'cpu'],
+                    help='how CPU steps are timed: "cpu" = the process CPU time, which other jobs sharing the '
+                         'cores do not inflate (right for one intra-op thread), "wall" = elapsed time, "auto" = cpu '
+                         'for single-process runs on one thread, else wall; CUDA steps are timed by the device '
+                         '(default: auto)')
 parser.add_argument('--num-threads', default=None, type=int, metavar='N',
                     help='torch intra-op threads while timing (default: as torch starts, all cores; one for the CPU '
                          'comparison of a bare run)')
@@ -377,6 +382,9 @@ def _measure_kind(kind: str, setups: Dict[Run, BenchSetup], rows: Dict[Run, Any]
                   baseline: Optional[Run]) -> None:
     """Warm every setup up for `kind` ('infer' / 'train'), time them together in paired rounds, add the row keys."""
     runs, variants, peaks = [], [], {}
+    # one clock for the whole comparison: CPU time only where it stands for the elapsed time of an idle machine
+    cpu_time = args.clock == 'cpu' or (args.clock == 'auto' and torch.get_num_threads() == 1 and all(
+        r.mode in ('single', 'sequential') for r in setups))
     for run, setup in setups.items():
         if isinstance(rows[run], Exception):
             continue
@@ -389,7 +397,8 @@ def _measure_kind(kind: str, setups: Dict[Run, BenchSetup], rows: Dict[Run, Any]
             rows[run] = e
             continue
         runs.append(run)
-        variants.append(Variant(run.label(), step, items=args.batch_size, devices=setup.devices))
+        variants.append(Variant(run.label(), step, items=args.batch_size, devices=setup.devices,
+                                clock=device_clock(setup.devices, cpu_time)))
     if not runs:
         return
     base = runs.index(baseline) if baseline in runs else None
@@ -412,6 +421,7 @@ def _measure_kind(kind: str, setups: Dict[Run, BenchSetup], rows: Dict[Run, Any]
         row[f'{kind}_peak_mem_mb'] = peaks[run]
         if base is not None and i != base:
             row.update(ratio_fields(f'{kind}_vs_s1', rounds.ratio(i, base)))
+        row[f'{kind}_clock'] = clock_kind(setup.devices, cpu_time)
         row[f'{kind}_rounds'] = rounds.rounds
         row[f'{kind}_round_steps'] = steps
         row[f'{kind}_noise'] = round(rounds.noise(i if base is None else base), 3)

@@ -110,6 +110,7 @@ def test_benchmark_infer_train_concurrent_and_plot(tmp_path, capsys):
     assert rows[1]['param_count'] == rows[2]['param_count']
     # all three timed in the same 2 paired rounds; the divided rows carry their ratio to S=1 with its band
     assert all(r['infer_rounds'] == r['train_rounds'] == 2 and r['infer_round_steps'] == 1 for r in rows)
+    assert {r['train_clock'] for r in rows} == {'wall'}  # the concurrent run's host threads: elapsed time for all
     assert not any(k in rows[0] for k in RATIO_KEYS)
     for r in rows[1:]:
         for kind in ('infer', 'train'):
@@ -151,6 +152,7 @@ def test_benchmark_backends_in_the_same_rounds():
     assert [(r['split_factor'], r['split_backend'], r['split_mode']) for r in rows] == [
         (1, 'loop', 'undivided'), (2, 'loop', 'sequential'), (2, 'packed', 'sequential')]
     assert all('infer_vs_s1_lo' in r for r in rows[1:]) and all(r['infer_rounds'] == 2 for r in rows)
+    assert {r['infer_clock'] for r in rows} == {'process_time'}  # one intra-op thread (the module's fixture)
 
 
 def expect_error(argv, *fragments):

@@ -1,14 +1,15 @@
 """ The paired-rounds timing engine (timm_splitnet.utils.benchmarking) on fake clocks: known relative costs give
 known ratios, the order rotates, the summary prints. No test reads the wall clock. """
 import random
+import time
 
 import pytest
 import torch
 import torch.nn as nn
 
 from timm_splitnet.utils.benchmarking import (
-    Band, CudaEventClock, PairedRounds, Variant, band, device_clock, format_summary, ratio_fields, rotation, row_band,
-    run_paired, steps_per_round, verdicts,
+    Band, CudaEventClock, PairedRounds, Variant, band, clock_kind, device_clock, format_summary, ratio_fields, rotation,
+    row_band, run_paired, steps_per_round, verdicts,
 )
 
 
@@ -107,6 +108,10 @@ def test_band_quartiles_and_measurement():
 
 def test_device_clock_choice():
     assert device_clock(['cpu']) is device_clock([])  # torch.utils.benchmark's timer
+    assert device_clock(['cpu'], cpu_time=True) is time.process_time
+    assert [clock_kind(d, cpu_time=True) for d in (['cpu'], ['cuda:0'], ['cuda:0', 'cuda:1'], ['cpu', 'cuda:0'])] == [
+        'process_time', 'cuda_events', 'synchronized_wall', 'cuda_events']
+    assert clock_kind(['cpu']) == 'wall'
     if torch.cuda.is_available():
         clock = device_clock(['cuda:0'])
         assert isinstance(clock, CudaEventClock)
@@ -137,7 +142,8 @@ ROWS = [
     dict(model='splitnet_wrn16_8_s2', split_factor=2, split_backend='loop', split_mode='sequential',
          infer_samples_per_sec=110.0, train_samples_per_sec=35.2, param_count=12.4, infer_gmacs=1.75,
          **ratio_fields('infer_vs_s1', Band(0.9167, 0.9, 0.95)), **ratio_fields('train_vs_s1', Band(0.88, 0.85, 0.91)),
-         flop_bound_vs_s1=0.885, infer_rounds=10, infer_noise=0.05, train_rounds=10, train_noise=0.12),
+         flop_bound_vs_s1=0.885, infer_rounds=10, infer_noise=0.05, train_rounds=10, train_noise=0.12,
+         train_clock='process_time'),
     dict(model='splitnet_wrn16_8_s4', error='out of memory at batch size 8'),
 ]
 
@@ -152,6 +158,6 @@ def test_summary_table_and_verdict():
     text = verdicts(ROWS)
     assert text[0] == ('wrn16_8 S=2 (loop) infers at 0.92x (0.90-0.95) and trains at 0.88x (0.85-0.91) of S=1; '
                        'the FLOP bound is 0.89x.')
-    assert '10 paired rounds' in text[1] and '12%' in text[1]
+    assert '10 paired rounds timed by process_time;' in text[1] and '12%' in text[1]
     assert row_band(ROWS[1], 'train_vs_s1') == Band(0.88, 0.85, 0.91) and row_band(ROWS[0], 'train_vs_s1') is None
     assert verdicts(ROWS[:1]) == []

@@ -20,7 +20,8 @@ from torch.utils.benchmark import Measurement, TaskSpec, set_torch_threads
 from torch.utils.benchmark import timer as accelerator_timer
 
 __all__ = [
-    'Band', 'CudaEventClock', 'PairedRounds', 'Variant', 'band', 'device_clock', 'format_summary', 'ratio_fields',
+    'Band', 'CudaEventClock', 'PairedRounds', 'Variant', 'band', 'clock_kind', 'device_clock', 'format_summary',
+    'ratio_fields',
     'rotation', 'row_band', 'run_paired', 'steps_per_round', 'verdicts',
 ]
 
@@ -74,20 +75,39 @@ class CudaEventClock:
         return self.origin.elapsed_time(event) / 1e3
 
 
-def device_clock(devices: Sequence[Any] = ()) -> Clock:
-    """The clock for steps that run on `devices`: CUDA events on a single CUDA device; with several CUDA devices,
-    host time read after every one of them is synchronised; otherwise `torch.utils.benchmark.timer` (host time,
-    after synchronising the current accelerator if there is one)."""
-    cuda = sorted({torch.device(d) for d in devices if torch.device(d).type == 'cuda'}, key=str)
+def clock_kind(devices: Sequence[Any] = (), cpu_time: bool = False) -> str:
+    """Which clock `device_clock` picks: 'cuda_events' (one CUDA device), 'synchronized_wall' (several CUDA
+    devices), 'process_time' (CPU only, when `cpu_time`), else 'wall'."""
+    kinds = {torch.device(d).type for d in devices}
+    cuda = {torch.device(d) for d in devices if torch.device(d).type == 'cuda'}
     if len(cuda) == 1:
-        return CudaEventClock(cuda[0])
+        return 'cuda_events'
     if cuda:
+        return 'synchronized_wall'
+    return 'process_time' if cpu_time and kinds <= {'cpu'} else 'wall'
+
+
+def device_clock(devices: Sequence[Any] = (), cpu_time: bool = False) -> Clock:
+    """The clock for steps that run on `devices`.
+
+    CUDA events on a single CUDA device; with several CUDA devices, host time read after every one of them is
+    synchronised. On the CPU with `cpu_time`: the process's CPU time (`time.process_time`, user + system), which
+    other jobs sharing the cores do not inflate; it equals the elapsed time of an idle machine only when the steps
+    run on one thread. Otherwise `torch.utils.benchmark.timer` (host time, after synchronising the current
+    accelerator if there is one).
+    """
+    kind = clock_kind(devices, cpu_time)
+    if kind == 'cuda_events':
+        return CudaEventClock(next(torch.device(d) for d in devices if torch.device(d).type == 'cuda'))
+    if kind == 'synchronized_wall':
+        cuda = sorted({torch.device(d) for d in devices if torch.device(d).type == 'cuda'}, key=str)
+
         def clock() -> float:
             for d in cuda:
                 torch.cuda.synchronize(d)
             return time.perf_counter()
         return clock
-    return accelerator_timer
+    return time.process_time if kind == 'process_time' else accelerator_timer
 
 
 @dataclass
@@ -295,7 +315,7 @@ def format_summary(rows: Sequence[Dict[str, Any]]) -> str:
 def verdicts(rows: Sequence[Dict[str, Any]]) -> List[str]:
     """One sentence per row with a ratio to S=1, e.g. "wrn16_8 S=2 infers at 0.95x (0.91-0.98) and trains at 0.88x
     (0.85-0.91) of S=1; the FLOP bound is 0.89x.", then one on the rounds and the noise."""
-    lines, noise, rounds = [], [], set()
+    lines, noise, rounds, clocks = [], [], set(), set()
     for r in rows:
         parts = []
         for kind, verb in (('infer', 'infers'), ('train', 'trains')):
@@ -306,6 +326,8 @@ def verdicts(rows: Sequence[Dict[str, Any]]) -> List[str]:
                     noise.append(float(r[f'{kind}_noise']))
                 if r.get(f'{kind}_rounds'):
                     rounds.add(int(r[f'{kind}_rounds']))
+                if r.get(f'{kind}_clock'):
+                    clocks.add(str(r[f'{kind}_clock']))
         if not parts:
             continue
         model = str(r.get('model', ''))
@@ -319,6 +341,8 @@ def verdicts(rows: Sequence[Dict[str, Any]]) -> List[str]:
         lines.append(text + '.')
     if lines and rounds:
         counts = '/'.join(map(str, sorted(rounds)))
-        lines.append(f'Medians (interquartile ranges) of the per-round ratios over {counts} paired rounds; S=1\'s own '
-                     f'img/s moved by up to {100 * max(noise, default=0):.0f}% (IQR / median) between rounds.')
+        timed = f' timed by {", ".join(sorted(clocks))}' if clocks else ''
+        lines.append(f'Medians (interquartile ranges) of the per-round ratios over {counts} paired rounds{timed}; '
+                     f'S=1\'s own img/s moved by up to {100 * max(noise, default=0):.0f}% (IQR / median) between '
+                     f'rounds.')
     return lines
