@@ -26,7 +26,8 @@ Result keys follow timm's benchmark.py (`infer_samples_per_sec`, `infer_step_tim
 `infer_step_time_median`, `infer_latency_ms` (median step time per image), `infer_peak_mem_mb` (CUDA only),
 `infer_vs_s1` with `infer_vs_s1_lo` / `infer_vs_s1_hi` (median and interquartile range of the per-round throughput
 ratio to S=1), `infer_rounds`, `infer_round_steps`, `infer_noise` (round-to-round spread of S=1's img/s, IQR over
-median), `flop_bound_vs_s1` (S=1's GMACs over the row's), `split_mode`, `split_factor`, `split_backend`, `devices`,
+median), `infer_clock` (what timed the steps: CUDA events, or on one CPU thread the process CPU time),
+`flop_bound_vs_s1` (S=1's GMACs over the row's), `split_mode`, `split_factor`, `split_backend`, `devices`,
 `world_size` (member-parallel rows) and `group` (the requested model a row belongs to).
 
 Hacked together by the timm-splitnet authors
