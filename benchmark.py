@@ -515,9 +515,9 @@ def benchmark_member_parallel(
             cache[key] = e
 
 
-def planned_runs(name: str, args, devices: Optional[List[torch.device]]) -> List[Tuple[str, str]]:
+def planned_runs(name: str, args, devices: Optional[List[torch.device]], warn: bool = True) -> List[Tuple[str, str]]:
     """(model, split mode) of every row of one requested model: undivided / sequential / concurrent /
-    member_parallel as they apply."""
+    member_parallel as they apply (`warn`: log the comparisons that cannot be made)."""
     parsed = parse_splitnet_name(name)
     split_factor = parsed[1] if parsed else None
     compare = args.compare_undivided
@@ -528,12 +528,12 @@ def planned_runs(name: str, args, devices: Optional[List[torch.device]]) -> List
         undivided = splitnet_name(parsed[0], 1)
         if timm.is_model(undivided):
             runs.append((undivided, 'undivided'))
-        else:
+        elif warn:
             _logger.warning(f'no undivided model {undivided} to compare {name} with.')
     runs.append((name, 'sequential' if parsed else 'single'))
     if devices and parsed:
         runs.append((name, 'concurrent'))
-    elif devices:
+    elif devices and warn:
         _logger.warning(f'--devices ignored for {name}: not a SplitNet.')
     if args.member_parallel:
         runs.append((name, 'member_parallel'))
@@ -605,10 +605,10 @@ def benchmark_model(
     """The rows of one requested model, from `cache` (`benchmark_paired` and `benchmark_member_parallel` fill it):
     undivided / sequential / concurrent / member_parallel as they apply; a failure stored there is raised."""
     rows = []
-    for run_name, mode in planned_runs(name, args, devices):
+    for run_name, mode in planned_runs(name, args, devices, warn=False):
         key = (run_name, _exec_mode(mode))
         if key not in cache:
-            benchmark_paired([run_name], args, device, devices, cache)
+            benchmark_paired([name], args, device, devices, cache)
         if isinstance(cache[key], Exception):
             raise cache[key]
         for cached in cache[key]:

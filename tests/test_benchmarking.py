@@ -87,6 +87,10 @@ def test_min_time_adds_rounds_and_bad_arguments():
     machine = FakeMachine(drift=1., jitter=0.)
     variants = [Variant(n, machine.step(n, 1.), clock=machine.clock) for n in 'ab']
     assert run_paired(variants, rounds=2, steps=1, min_time=9.).rounds == 5  # 2 s of steps per round
+    threads = []
+    run_paired([Variant('t', lambda: threads.append(torch.get_num_threads()), clock=machine.clock)], rounds=2,
+               warmup=1, num_threads=1)
+    assert threads == [1, 1, 1]  # warm-up and rounds on the pinned thread count
     with pytest.raises(ValueError, match='at least one variant'):
         run_paired([])
     with pytest.raises(ValueError, match='rounds >= 1'):

@@ -185,18 +185,6 @@ class PairedRounds:
         return Measurement(number_per_run=self.steps, raw_times=[t * self.steps for t in self.step_times[i]],
                            task_spec=spec)
 
-    def summary(self, baseline: Optional[Any] = 0) -> List[Dict[str, Any]]:
-        """One dict per variant: throughput, step time, with the ratio to `baseline` (None: no ratios)."""
-        out = []
-        for i, name in enumerate(self.names):
-            tp, st = self.throughput(i), self.step_time(i)
-            row: Dict[str, Any] = dict(name=name, samples_per_sec=tp.median, step_time_s=st.median,
-                                       rounds=self.rounds, steps=self.steps)
-            if baseline is not None:
-                row['ratio'] = self.ratio(i, baseline)
-            out.append(row)
-        return out
-
 
 def run_paired(
         variants: Sequence[Variant],
