@@ -94,6 +94,21 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
+def save_checkpoint_file(obj: Any, path: str) -> None:
+    """`torch.save` to `path` through a Python file, so that a failed write (full disk, quota, file-size limit) raises
+    the OSError with its errno instead of torch's RuntimeError."""
+    try:
+        with open(path, 'wb') as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        error = e.__context__
+        while error is not None and not isinstance(error, OSError):
+            error = error.__context__
+        if error is None:
+            raise
+        raise OSError(error.errno, error.strerror, path) from e
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     if os.path.exists(dst):
         os.remove(dst)
@@ -145,7 +160,7 @@ class CheckpointKeeper:
         """
         path = os.path.join(self.checkpoint_dir, f'recovery-{epoch}-{batch}.pth.tar')
         state = dict(state, keeper=self.state_dict())
-        atomic_save(path, lambda tmp: torch.save(state, tmp))
+        atomic_save(path, lambda tmp: save_checkpoint_file(state, tmp))
         self._remove_recovery(keep=path)
         return path
 
@@ -194,7 +209,7 @@ class CheckpointKeeper:
             history = sorted([h for h in self.history if h[0] != name] + [(name, metric)], key=lambda h: -h[1])
             self.history, evicted = history[:self.max_history], history[self.max_history:]
         state = dict(state, keeper=self.state_dict(), metric=metric)
-        atomic_save(self.last_path, lambda tmp: torch.save(state, tmp))
+        atomic_save(self.last_path, lambda tmp: save_checkpoint_file(state, tmp))
         if is_best:
             atomic_save(self.best_path, lambda tmp: _link_or_copy(self.last_path, tmp))
         if keep:
