@@ -65,8 +65,8 @@ from timm_splitnet.data.resumable import (
     describe_worker_failure, loader_position_state, make_resumable, restore_loader_position)
 from timm_splitnet.loss import CoTrainingLoss
 from timm_splitnet.task import (
-    CoTrainingTask, DataParallelTraining, EpochProgress, MemberParallelTraining, is_splitnet, nonfinite_buffers,
-    nonfinite_ranks, validate_members)
+    CoTrainingTask, DataParallelTraining, EpochProgress, MemberParallelTraining, NonFiniteLoss, is_splitnet,
+    nonfinite_ranks, skip_nonfinite_step, validate_members)
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.models._weights import is_training_checkpoint, load_weights
 from timm_splitnet.utils.preemption import (
@@ -944,6 +944,10 @@ def _train(argv, cleanup: ExitStack) -> int:
         start_epoch = args.start_epoch
     progress = EpochProgress(start_epoch, len(loader_train))
     position = checkpoint.get('position') if checkpoint is not None and args.start_epoch is None else None
+    if position and len(checkpoint.get('rng') or ()) != args.world_size:
+        _logger.warning(f'The mid-epoch checkpoint is of {len(checkpoint.get("rng") or ())} process(es), this run has '
+                        f'{args.world_size}: epoch {start_epoch} starts again from its first batch.')
+        position = None
     if position:  # a mid-epoch checkpoint: this epoch continues after its trained batches
         progress.load_state_dict(position)
         _logger.info(f'Continuing epoch {progress.epoch} after batch {progress.batch} of {progress.num_batches}.')
@@ -1110,22 +1114,17 @@ def _train(argv, cleanup: ExitStack) -> int:
 
 def _find_auto_resume(args, exp_name: str, device: torch.device) -> Tuple[str, Optional[Dict[str, Any]]]:
     """--resume auto: (path, checkpoint) of the newest complete checkpoint in the run folder, ('', None) for a fresh
-    start. Rank 0 looks and tells the others which file to load."""
+    start."""
     if not args.experiment:
         raise CliError('--resume auto looks for checkpoints in the run folder, whose name must stay the same from one '
                        'start to the next: add --experiment NAME (e.g. the SLURM job id).')
     folder = os.path.join(args.output or './output/train', exp_name)
-    found = find_resume_checkpoint(folder) if args.rank == 0 else None
-    path = found[0] if found else ''
-    if args.distributed:
-        shared = [path]
-        torch.distributed.broadcast_object_list(shared, src=0, device=device if device.type == 'cuda' else None)
-        path = shared[0]
-    if not path:
+    found = find_resume_checkpoint(folder, args.distributed, device if device.type == 'cuda' else None)
+    if not found:
         _logger.info(f'--resume auto: no checkpoint in {folder}, starting a new run.')
         return '', None
-    _logger.info(f'--resume auto: continuing from {path}.')
-    return path, found[1] if found else None
+    _logger.info(f'--resume auto: continuing from {found[0]}.')
+    return found
 
 
 def _checkpoint_state(
@@ -1186,9 +1185,10 @@ def _exit_preempted(args, guard: PreemptionGuard, keeper, parallel: DataParallel
     """Log how to continue and end the processes of a run stopped by a signal or --max-time."""
     if guard.received:
         _logger.info(f'Signals received: {guard.describe_signals()}.')
-    where = f' ({keeper.checkpoint_dir})' if keeper else ''
-    _logger.info(f'Checkpoint written{where}; exiting with code {PREEMPTED_EXIT_CODE}: run the same command with '
-                 f'--resume auto to continue ({format_duration(guard.elapsed())} in this process).')
+    where = f' to {keeper.checkpoint_dir}' if keeper else ''
+    _logger.info(f'Checkpoint written{where} in {guard.last_save_seconds:.1f} s; exiting with code '
+                 f'{PREEMPTED_EXIT_CODE}: run the same command with --resume auto to continue '
+                 f'({format_duration(guard.elapsed())} in this process).')
     guard.close()
     parallel.finish()
     return PREEMPTED_EXIT_CODE
@@ -1359,7 +1359,12 @@ def train_one_epoch(
             optimizer.zero_grad()
             num_updates += 1
             if skip_group:
-                _skip_step(task, args, progress, epoch, batch_idx)
+                try:
+                    skip_nonfinite_step(progress, model, args.nan_skip, batch_idx, args.distributed)
+                except NonFiniteLoss as e:
+                    raise NonFiniteLossError(f'{e}; stopping. Lower --lr, add --clip-grad or check the data') from e
+                _logger.warning(f'Skipped optimizer steps so far: {progress.skipped_steps} of --nan-skip '
+                                f'{args.nan_skip}.')
                 skip_group = False
             else:
                 task.update_ema(step=num_updates)
@@ -1411,24 +1416,6 @@ def train_one_epoch(
     metrics = OrderedDict(
         loss=loss_sum / count, loss_ce=ce_sum / count, loss_cot=cot_sum / count, cot_weight=cot_weight)
     return metrics, num_updates
-
-
-def _skip_step(task: CoTrainingTask, args, progress: EpochProgress, epoch: int, batch_idx: int) -> None:
-    """Count an optimizer step skipped for a non-finite loss; stop past --nan-skip, or when the BatchNorm statistics
-    took the NaN in already (the forward pass updated them; skipping the step cannot undo that)."""
-    progress.skipped_steps += 1
-    if progress.skipped_steps > args.nan_skip:
-        raise NonFiniteLossError(
-            f'the training loss became NaN or infinite in {progress.skipped_steps} optimizer steps, more than '
-            f'--nan-skip {args.nan_skip} (the last in epoch {epoch}, batch {batch_idx}); stopping. Lower --lr, add '
-            f'--clip-grad or check the data')
-    buffers = nonfinite_buffers(task.get_trainable_module(), args.distributed)
-    if buffers:
-        raise NonFiniteLossError(
-            f'the training loss became NaN or infinite in epoch {epoch} (batch {batch_idx}) and the model\'s buffers '
-            f'({", ".join(buffers[:3])}{", ..." if len(buffers) > 3 else ""}) are no longer finite, so the step '
-            f'cannot be skipped; stopping. Lower --lr, add --clip-grad or check the data')
-    _logger.warning(f'Skipped optimizer steps so far: {progress.skipped_steps} of --nan-skip {args.nan_skip}.')
 
 
 def _check_finite(nonfinite: torch.Tensor, epoch: int, batch_idx: int, distributed: bool) -> None:

@@ -3,4 +3,4 @@ position inside an epoch """
 from .cotraining import CoTrainingTask, is_splitnet, validate_members
 from .distributed import DataParallelTraining, MemberParallelTraining
 from .member_parallel import MemberParallelTask
-from .progress import EpochProgress, nonfinite_buffers, nonfinite_ranks
+from .progress import EpochProgress, NonFiniteLoss, nonfinite_buffers, nonfinite_ranks, skip_nonfinite_step

@@ -8,7 +8,11 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ['EpochProgress', 'nonfinite_ranks', 'nonfinite_buffers']
+__all__ = ['EpochProgress', 'NonFiniteLoss', 'nonfinite_ranks', 'nonfinite_buffers', 'skip_nonfinite_step']
+
+
+class NonFiniteLoss(ValueError):
+    """The training loss was NaN or infinite in a step that cannot be skipped."""
 
 
 class EpochProgress:
@@ -88,3 +92,25 @@ def nonfinite_buffers(model: nn.Module, distributed: bool = False) -> List[str]:
         if flag.item() > 0 and not names:
             names = ['(on another rank)']
     return names
+
+
+def skip_nonfinite_step(progress: EpochProgress, model: nn.Module, limit: int, batch: int,
+                        distributed: bool = False) -> None:
+    """Count an optimizer step skipped for a non-finite loss (`--nan-skip`; a collective when `distributed`).
+
+    Raises:
+        NonFiniteLoss: More than `limit` steps of the run were skipped, or the model's buffers (BatchNorm statistics,
+            updated by the forward pass already) are no longer finite, so skipping the step cannot undo the damage.
+    """
+    progress.skipped_steps += 1
+    where = f'epoch {progress.epoch}, batch {batch}'
+    if progress.skipped_steps > limit:
+        raise NonFiniteLoss(
+            f'the training loss became NaN or infinite in {progress.skipped_steps} optimizer steps, more than '
+            f'--nan-skip {limit} (the last in {where})')
+    buffers = nonfinite_buffers(model, distributed)
+    if buffers:
+        more = ', ...' if len(buffers) > 3 else ''
+        raise NonFiniteLoss(
+            f'the training loss became NaN or infinite in {where} and the model\'s buffers '
+            f'({", ".join(buffers[:3])}{more}) are no longer finite, so the step cannot be skipped')

@@ -130,6 +130,7 @@ class PreemptionGuard:
         self.reason = ''
         self.step_seconds = 0.
         self.save_seconds: Optional[float] = None
+        self.last_save_seconds = 0.
         self.eval_seconds: Optional[float] = None
         self.checkpoint_bytes = 0
         self.eval_batches = 0
@@ -208,6 +209,7 @@ class PreemptionGuard:
 
     def note_save(self, seconds: float) -> None:
         """Record how long a checkpoint write took (the reserve keeps the longest)."""
+        self.last_save_seconds = seconds
         self.save_seconds = max(self.save_seconds or 0., seconds)
 
     def note_eval(self, seconds: float) -> None:

@@ -235,13 +235,31 @@ def checkpoint_progress(checkpoint: Dict[str, Any]) -> Tuple[int, int]:
     return int(checkpoint.get('epoch', -1)) + 1, 0
 
 
-def find_resume_checkpoint(folder: str) -> Optional[Tuple[str, Dict[str, Any]]]:
+def find_resume_checkpoint(
+        folder: str,
+        distributed: bool = False,
+        device: Optional[torch.device] = None,
+) -> Optional[Tuple[str, Optional[Dict[str, Any]]]]:
     """The newest complete training checkpoint in `folder`: (path, checkpoint), None when there is none.
 
     Candidates are the mid-epoch `recovery-<epoch>-<batch>.pth.tar`, `last.pth.tar` and the kept
     `checkpoint-<epoch>.pth.tar`; the one that continues latest (`checkpoint_progress`) wins. A file that cannot be
     read (cut short by a copy, not a checkpoint) is skipped with a warning and the next newest is taken.
+
+    With `distributed` (a collective), rank 0 looks and the other ranks get its path, with None for the checkpoint
+    (they load the file themselves); `device`: that of the broadcast (the rank's GPU under NCCL).
     """
+    if not distributed:
+        return _find_resume_checkpoint(folder)
+    found = _find_resume_checkpoint(folder) if torch.distributed.get_rank() == 0 else None
+    shared = [found[0] if found else '']
+    torch.distributed.broadcast_object_list(shared, src=0, device=device)
+    if not shared[0]:
+        return None
+    return found if found else (shared[0], None)
+
+
+def _find_resume_checkpoint(folder: str) -> Optional[Tuple[str, Dict[str, Any]]]:
     if not os.path.isdir(folder):
         return None
     candidates = []  # (progress, preference, path); the progress of last.pth.tar is read from the file
