@@ -8,6 +8,7 @@ the same command with `--resume auto` then ends with the weights of an uninterru
 """
 import csv
 import importlib.util
+import logging
 import os
 import re
 import resource
@@ -312,6 +313,7 @@ def test_sigterm_to_one_rank_under_torchrun_restarts_exactly(image_folder, tmp_p
 @pytest.mark.slow
 def test_max_time_checkpoints_before_the_limit(image_folder, tmp_path, train, reference, caplog):
     """--max-time of about half the reference run: exit 75 within the budget; --resume auto finishes exactly."""
+    caplog.set_level(logging.INFO, logger='train')
     budget = max(2, int(reference[1] / 2))
     argv = ['--data-dir', str(image_folder), *TINY, *EXACT, '--output', str(tmp_path), '--experiment', 'run',
             '--resume', 'auto']
