@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -328,9 +329,9 @@ def test_max_time_checkpoints_before_the_limit(image_folder, tmp_path, train, re
 
 
 @pytest.mark.slow
-def test_full_disk_keeps_the_previous_checkpoint(image_folder, tmp_path, train):
+def test_full_disk_or_read_only_folder_keeps_the_previous_checkpoint(image_folder, tmp_path, train):
     """A file-size limit (ulimit -f) that the next checkpoint exceeds: a one-line error naming the folder and its free
-    space; last.pth.tar of the epoch before still loads. A read-only folder is reported the same way."""
+    space; last.pth.tar of the epoch before still loads. A folder that turned read-only is reported the same way."""
     argv = ['--data-dir', str(image_folder), *TINY, '--epochs', '2', '--output', str(tmp_path), '--experiment', 'run',
             '--resume', 'auto']
     assert train.main(argv + ['--stop-epoch', '0']) == 0
@@ -348,6 +349,32 @@ def test_full_disk_keeps_the_previous_checkpoint(image_folder, tmp_path, train):
     assert 'File too large' in message and 'last.pth.tar is unchanged' in message
     assert load_checkpoint_file(str(run / 'last.pth.tar'))['epoch'] == 0
     assert not list(run.glob('.*.tmp'))
+
+    with _unwritable(run):
+        with pytest.raises(SystemExit) as e:
+            train.main(argv)
+    message = str(e.value.code)
+    assert f'cannot write the checkpoint of epoch 1 to {run} (' in message and ' free)' in message, message
+    assert 'no permission to write there' in message and 'last.pth.tar is unchanged' in message
+    assert load_checkpoint_file(str(run / 'last.pth.tar'))['epoch'] == 0
+
+
+@contextmanager
+def _unwritable(folder: Path):
+    """Make `folder` refuse new files: read-only permissions, or for root (who ignores them) the immutable flag."""
+    mode = folder.stat().st_mode
+    os.chmod(folder, 0o555)
+    immutable = False
+    try:
+        if os.access(folder, os.W_OK):
+            immutable = subprocess.run(['chattr', '+i', str(folder)], capture_output=True).returncode == 0
+            if not immutable:
+                pytest.skip('cannot make a folder unwritable here (root without chattr)')
+        yield
+    finally:
+        if immutable:
+            subprocess.run(['chattr', '-i', str(folder)], capture_output=True)
+        os.chmod(folder, mode)
 
 
 @pytest.mark.slow
