@@ -74,10 +74,10 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120.) -> str:
     return path.read_text()
 
 
-def _start(hooks: Path, *argv, pause_rank=0, pause_step=-1, mode='pause', torchrun_args=()):
+def _start(hooks: Path, *argv, pause_rank=0, pause_step=-1, hold_save=False, torchrun_args=()):
     """train.py through tests/train_preempt.py (under torchrun when `torchrun_args` are given); output in a file."""
     hooks.mkdir(parents=True, exist_ok=True)
-    runner = [str(RUNNER), str(hooks), str(pause_rank), str(pause_step), mode, '--']
+    runner = [str(RUNNER), str(hooks), str(pause_rank), str(pause_step), '1' if hold_save else '0', '--']
     if torchrun_args:
         cmd = [sys.executable, '-m', 'torch.distributed.run', *torchrun_args, f'--master_port={_free_port()}', *runner]
     else:
@@ -265,7 +265,7 @@ def test_sigterm_checkpoints_and_resume_auto_is_exact(image_folder, tmp_path, tr
     checkpoint; the same command with --resume auto ends with the uninterrupted run's weights and summary."""
     argv = ['--data-dir', image_folder, *TINY, *EXACT, '--output', tmp_path, '--experiment', 'run', '--resume', 'auto']
     hooks = tmp_path / 'hooks'
-    proc = _start(hooks, *argv, pause_step=4, mode='hold-save')
+    proc = _start(hooks, *argv, pause_step=4, hold_save=True)
     pid = int(_wait_for(hooks / 'paused-0', proc))
     os.kill(pid, signal.SIGTERM)
     (hooks / 'go').touch()
@@ -309,22 +309,6 @@ def test_sigterm_to_one_rank_under_torchrun_restarts_exactly(image_folder, tmp_p
     assert f'exiting with code {PREEMPTED_EXIT_CODE}' in output
     assert '--resume auto: continuing from' in output and 'recovery-0-4.pth.tar' in output
     _assert_same_run(tmp_path / 'run', tmp_path / 'ref')
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not torch.distributed.is_available(), reason='torch.distributed is not available')
-def test_dying_rank_under_torchrun_stops_the_job(image_folder, tmp_path):
-    """DDP, 2 gloo processes: rank 1 fails in its third step; rank 0 (which catches torchrun's SIGTERM as a
-    preemption signal) does not hang: the job ends non-zero within seconds, torchrun's summary naming rank 1."""
-    hooks = tmp_path / 'hooks'
-    start = time.time()
-    proc = _start(hooks, '--data-dir', image_folder, *TINY, '--epochs', '1', '--output', tmp_path, '--experiment',
-                  'run', '--dist-timeout', '10', pause_rank=1, pause_step=2, mode='die',
-                  torchrun_args=['--nproc_per_node=2'])
-    code, output = _finish(proc, hooks, timeout=120)
-    assert code != 0 and time.time() - start < 60, output[-4000:]
-    assert 'RuntimeError: injected failure on rank 1' in output and re.search(r'rank\s*:\s*1 ', output)
-    assert 'Final' not in output and not (tmp_path / 'run' / 'last.pth.tar').exists()
 
 
 @pytest.mark.slow

@@ -1,15 +1,14 @@
 """ train.py with hooks that let a test time its real signals, for tests/test_preemption.py (tests only)
 
-    python tests/train_preempt.py DIR PAUSE_RANK PAUSE_STEP MODE -- TRAIN_ARGS...
+    python tests/train_preempt.py DIR PAUSE_RANK PAUSE_STEP HOLD_SAVE -- TRAIN_ARGS...
     python -m torch.distributed.run --nproc_per_node=2 tests/train_preempt.py DIR ... -- TRAIN_ARGS...
 
 Runs train.py (as `__main__`) with TRAIN_ARGS. On global rank PAUSE_RANK the training forward number PAUSE_STEP
 (counting from 0; -1: never) writes DIR/paused-<rank> (holding the process id) and waits until DIR/go exists, so the
-test can send its signal (or kill a loader worker) at a known step. MODE 'hold-save': the first write of a mid-epoch
+test can send its signal (or kill a loader worker) at a known step; with HOLD_SAVE 1 the first write of a mid-epoch
 checkpoint writes DIR/saving and waits for DIR/go-save before it writes the file, so the test can signal during the
-save; MODE 'die': at that forward the rank raises `RuntimeError('injected failure on rank R')` instead of pausing.
-The hooks act in the first start only (not after a torchrun restart). Nothing here replaces what is under test: the
-signals, the handlers, the checkpoint and the exit are train.py's own.
+save. The hooks act in the first start only (not after a torchrun restart). Nothing here replaces what is under test:
+the signals, the handlers, the checkpoint and the exit are train.py's own.
 """
 import os
 import runpy
@@ -39,9 +38,9 @@ def _wait_for(path: Path, timeout: float = 120.) -> None:
 
 
 def main() -> None:
-    folder, pause_rank, pause_step, mode = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    if sys.argv[5] != '--' or mode not in ('pause', 'hold-save', 'die'):
-        raise SystemExit(f'usage: {sys.argv[0]} DIR PAUSE_RANK PAUSE_STEP pause|hold-save|die -- TRAIN_ARGS...')
+    folder, pause_rank, pause_step, hold_save = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    if sys.argv[5] != '--':
+        raise SystemExit(f'usage: {sys.argv[0]} DIR PAUSE_RANK PAUSE_STEP HOLD_SAVE -- TRAIN_ARGS...')
     rank = int(os.environ.get('RANK', 0))
     first_start = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0'
     forward = CoTrainingTask.forward
@@ -50,8 +49,6 @@ def main() -> None:
     def pausing_forward(self, input, target):
         out = forward(self, input, target)
         if torch.is_grad_enabled() and first_start and rank == pause_rank:
-            if steps[0] == pause_step and mode == 'die':
-                raise RuntimeError(f'injected failure on rank {rank}')
             if steps[0] == pause_step:
                 _mark(folder / f'paused-{rank}', str(os.getpid()))
                 _wait_for(folder / 'go')
@@ -59,7 +56,7 @@ def main() -> None:
         return out
 
     save = torch.save
-    held = [mode != 'hold-save' or not first_start]
+    held = [hold_save != '1' or not first_start]
 
     def holding_save(obj, f, *args, **kwargs):
         if not held[0] and 'recovery-' in os.path.basename(str(getattr(f, 'name', f))):
