@@ -228,10 +228,10 @@ def create_parser() -> argparse.ArgumentParser:
                        help='End this run after epoch N (checkpointed); continue with --resume (time-limited jobs)')
 
     group = parser.add_argument_group('Preemption and faults (see docs/training.md)')
-    group.add_argument('--preempt-signals', nargs='+', default=['TERM', 'USR1'], metavar='SIGNAL',
-                       help='signals on which every process finishes its step, a mid-epoch checkpoint is written and '
-                            f'the run exits with code {PREEMPTED_EXIT_CODE}; "none" leaves all signals alone '
-                            '(default: TERM USR1)')
+    group.add_argument('--preempt-signals', default='TERM,USR1', type=str, metavar='SIGNALS',
+                       help='comma-separated signals on which every process finishes its step, a mid-epoch checkpoint '
+                            f'is written and the run exits with code {PREEMPTED_EXIT_CODE}; "none" leaves all signals '
+                            'alone (default: TERM,USR1)')
     group.add_argument('--max-time', default=None, type=str, metavar='HH:MM:SS',
                        help='wall-clock budget of this process ([D-]HH:MM:SS): checkpoint and exit with code '
                             f'{PREEMPTED_EXIT_CODE} while there is still time to write the checkpoint')
@@ -1363,8 +1363,9 @@ def train_one_epoch(
                     skip_nonfinite_step(progress, model, args.nan_skip, batch_idx, args.distributed)
                 except NonFiniteLoss as e:
                     raise NonFiniteLossError(f'{e}; stopping. Lower --lr, add --clip-grad or check the data') from e
-                _logger.warning(f'Skipped optimizer steps so far: {progress.skipped_steps} of --nan-skip '
-                                f'{args.nan_skip}.')
+                if getattr(args, 'rank', 0) == 0:
+                    _logger.warning(f'Skipped optimizer steps so far: {progress.skipped_steps} of --nan-skip '
+                                    f'{args.nan_skip}.')
                 skip_group = False
             else:
                 task.update_ema(step=num_updates)
@@ -1377,7 +1378,7 @@ def train_one_epoch(
             nonfinite |= ~torch.isfinite(loss.detach())
             sums += torch.stack([loss.detach(), result['loss_ce'], result['loss_cot']]).double() * batch_size
             num_images += batch_size
-        else:
+        elif getattr(args, 'rank', 0) == 0:
             _logger.warning(f'Epoch {epoch} batch {batch_idx}: the loss is NaN or infinite on rank(s) '
                             f'{", ".join(map(str, bad_ranks))}; its optimizer step is skipped (--nan-skip).')
         cot_weight = result['cot_weight']

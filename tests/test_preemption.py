@@ -121,7 +121,8 @@ def _assert_same_run(folder: Path, reference: Path) -> None:
 
 def test_parse_signals_and_duration():
     assert parse_signals(['TERM', 'sigusr1', '12']) == (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-    assert parse_signals(['none']) == ()
+    assert parse_signals('TERM,USR1') == (signal.SIGTERM, signal.SIGUSR1)  # the form of --preempt-signals
+    assert parse_signals('none') == ()
     with pytest.raises(ValueError, match='cannot be caught'):
         parse_signals(['KILL'])
     with pytest.raises(ValueError, match='unknown signal'):
