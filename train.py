@@ -31,13 +31,14 @@ Hacked together by the timm-splitnet authors
 import argparse
 import importlib
 import importlib.util
+import itertools
 import logging
 import os
 import re
 import sys
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from datetime import datetime
 from typing import Any, Dict, Iterator, Optional, Tuple
 
@@ -60,13 +61,19 @@ from timm_splitnet.cli import (
 from timm_splitnet.data import (
     DeviceViewAugment, DeviceViewLoader, MultiViewDataset, collate_views, create_dataset, create_decode_transform,
     create_eval_transform, create_random_erasing, create_train_transform)
+from timm_splitnet.data.resumable import (
+    describe_worker_failure, loader_position_state, make_resumable, restore_loader_position)
 from timm_splitnet.loss import CoTrainingLoss
 from timm_splitnet.task import (
-    CoTrainingTask, DataParallelTraining, MemberParallelTraining, is_splitnet, validate_members)
+    CoTrainingTask, DataParallelTraining, EpochProgress, MemberParallelTraining, NonFiniteLoss, is_splitnet,
+    nonfinite_ranks, skip_nonfinite_step, validate_members)
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.models._weights import is_training_checkpoint, load_weights
+from timm_splitnet.utils.preemption import (
+    PREEMPTED_EXIT_CODE, PreemptionGuard, agree_all, format_duration, parse_duration, parse_signals)
 from timm_splitnet.utils.train_state import (
-    CheckpointKeeper, NotATrainingCheckpoint, gather_rng_states, load_checkpoint_file, set_rng_state)
+    CheckpointKeeper, NotATrainingCheckpoint, describe_write_failure, find_resume_checkpoint, gather_rng_states,
+    load_checkpoint_file, set_rng_state)
 
 _logger = logging.getLogger('train')
 
@@ -149,7 +156,8 @@ def create_parser() -> argparse.ArgumentParser:
                             'every member); epochs, optimizer and schedule start fresh')
     group.add_argument('--resume', default='', type=str, metavar='PATH',
                        help='continue a run of this script from its checkpoint (weights, optimizer, schedule, '
-                            'random streams)')
+                            'random streams); "auto": from the newest checkpoint in the --experiment folder, or '
+                            'from scratch when it has none')
     group.add_argument('--no-resume-opt', action='store_true', default=False,
                        help='with --resume: take the weights only, start the optimizer and loss scaler afresh')
     group.add_argument('--num-classes', type=int, default=None, metavar='N',
@@ -219,6 +227,18 @@ def create_parser() -> argparse.ArgumentParser:
                        help='Divide the weight decay by S: none, exp (eq. 6: wd * exp(1/S - 1)), linear (eq. 16: wd/S)')
     group.add_argument('--stop-epoch', type=int, default=None, metavar='N',
                        help='End this run after epoch N (checkpointed); continue with --resume (time-limited jobs)')
+
+    group = parser.add_argument_group('Preemption and faults (see docs/training.md)')
+    group.add_argument('--preempt-signals', default='TERM,USR1', type=str, metavar='SIGNALS',
+                       help='comma-separated signals on which every process finishes its step, a mid-epoch checkpoint '
+                            f'is written and the run exits with code {PREEMPTED_EXIT_CODE}; "none" leaves all signals '
+                            'alone (default: TERM,USR1)')
+    group.add_argument('--max-time', default=None, type=str, metavar='HH:MM:SS',
+                       help='wall-clock budget of this process ([D-]HH:MM:SS): checkpoint and exit with code '
+                            f'{PREEMPTED_EXIT_CODE} while there is still time to write the checkpoint')
+    group.add_argument('--nan-skip', type=int, default=0, metavar='N',
+                       help='skip up to N optimizer steps whose loss is NaN or infinite (logged) before stopping; '
+                            'every step then waits for its loss (default: 0, stop at the first)')
 
     group = parser.add_argument_group('Device')
     group.add_argument('--device', default=None, type=str,
@@ -503,13 +523,21 @@ def main(argv=None) -> int:
     """Run a training; `argv` defaults to `sys.argv[1:]`.
 
     Returns:
-        0 on success. Bad inputs (missing data, a checkpoint of another model, a NaN loss, ...) raise `SystemExit`
-        with a one-line message (exit status 1).
+        0 on success; 75 (`PREEMPTED_EXIT_CODE`) when a preemption signal or --max-time stopped the run after a
+        checkpoint (run the same command with --resume auto to continue). Bad inputs (missing data, a checkpoint of
+        another model, a NaN loss, a full disk, ...) raise `SystemExit` with a one-line message (exit status 1).
     """
     rank = torchrun_rank()
     setup_logging(rank)
-    with cli_errors('train.py' if rank == 0 else f'train.py (rank {rank})'):
-        return _train(argv)
+    with cli_errors('train.py' if rank == 0 else f'train.py (rank {rank})'), ExitStack() as cleanup:
+        try:
+            return _train(argv, cleanup)
+        except RuntimeError as e:  # torch raises a dead loader worker wherever the main process is at that moment
+            message = describe_worker_failure(e)
+            if message is None:
+                raise
+            raise CliError(f'{message}. The checkpoints written so far are intact: continue with the same command '
+                           f'and --resume auto.') from e
 
 
 def _plain(value: Any) -> Any:
@@ -780,8 +808,12 @@ def _load_resume_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def _train(argv=None) -> int:
+def _train(argv, cleanup: ExitStack) -> int:
+    start_time = time.time()
     args, args_text = _parse_args(argv)
+    with as_cli_error():
+        preempt_signals = parse_signals(args.preempt_signals)
+        max_time = parse_duration(args.max_time) if args.max_time else None
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
     for name in args.device_modules or ():
@@ -798,9 +830,11 @@ def _train(argv=None) -> int:
         check_torchrun_env('train.py')
         check_rank_device(args.device)
     parallel = MemberParallelTraining(args.seed, args.dist_timeout, args.dist_backend) if args.member_parallel \
-        else DataParallelTraining(args.seed)
+        else DataParallelTraining(args.seed, timeout=args.dist_timeout, backend=args.dist_backend)
     device = parallel.init_device(args)
     primary = args.rank == 0
+    guard = cleanup.enter_context(PreemptionGuard(
+        preempt_signals, max_time, start_time, distributed=args.distributed, timeout=args.dist_timeout))
     if not primary:
         logging.getLogger().setLevel(logging.WARNING)
     if device.type == 'cuda':
@@ -847,6 +881,7 @@ def _train(argv=None) -> int:
     # ----- data loaders, mixup, loss, task -----
     loader_train, loader_eval, crop_mode = _create_loaders(
         args, data_config, dataset_train, dataset_eval, num_views, device, parallel)
+    loader_train = make_resumable(loader_train, args.seed, args.rank)  # epochs that can start at any batch
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
         mixup_fn = Mixup(
@@ -891,8 +926,12 @@ def _train(argv=None) -> int:
     # ----- resume -----
     checkpoint = None
     start_epoch = 0
+    exp_name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), str(data_config['input_size'][-1])])
+    if args.resume == 'auto':
+        args.resume, checkpoint = _find_auto_resume(args, exp_name, device)
     if args.resume:
-        checkpoint = _load_resume_checkpoint(args.resume)
+        checkpoint = checkpoint or _load_resume_checkpoint(args.resume)
         _resume(args, checkpoint, task)
         start_epoch = checkpoint.get('epoch', -1) + 1
         if not args.no_resume_opt:
@@ -904,6 +943,15 @@ def _train(argv=None) -> int:
         _logger.info(f'Resumed {args.resume} (epoch {checkpoint.get("epoch")}), continuing at epoch {start_epoch}.')
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
+    progress = EpochProgress(start_epoch, len(loader_train))
+    position = checkpoint.get('position') if checkpoint is not None and args.start_epoch is None else None
+    if position and len(checkpoint.get('rng') or ()) != args.world_size:
+        _logger.warning(f'The mid-epoch checkpoint is of {len(checkpoint.get("rng") or ())} process(es), this run has '
+                        f'{args.world_size}: epoch {start_epoch} starts again from its first batch.')
+        position = None
+    if position:  # a mid-epoch checkpoint: this epoch continues after its trained batches
+        progress.load_state_dict(position)
+        _logger.info(f'Continuing epoch {progress.epoch} after batch {progress.batch} of {progress.num_batches}.')
 
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
@@ -931,18 +979,22 @@ def _train(argv=None) -> int:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
+    num_updates = checkpoint['num_updates'] if position else start_epoch * updates_per_epoch
+    if position:
+        lr_scheduler.step_update(num_updates)  # per-update schedules move inside the epoch too
     _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch.')
 
     # ----- output -----
     keeper = None
     output_dir = summary_csv = None
     if primary:
-        exp_name = args.experiment or '-'.join([
-            datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), str(data_config['input_size'][-1])])
         output_dir = get_outdir(args.output or './output/train', exp_name)
         keeper = CheckpointKeeper(output_dir, max_history=args.checkpoint_hist)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
+        try:
+            with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+                f.write(args_text)
+        except OSError as e:
+            raise CliError(describe_write_failure('args.yaml', output_dir, e)) from e
         summary_csv = os.path.join(output_dir, 'summary.csv')
         if checkpoint is not None:
             keeper.load_state_dict(checkpoint.get('keeper'))
@@ -955,10 +1007,13 @@ def _train(argv=None) -> int:
             wandb.init(project=args.experiment or None, config=_plain(vars(args)))
 
     # the random streams continue exactly where the checkpointed run left them (sampler order, augmentation, mixup)
+    rank_state = None
     if checkpoint is not None and checkpoint.get('rng'):
         states = checkpoint['rng']
         if len(states) == args.world_size:
-            set_rng_state(states[args.rank])
+            rank_state = states[args.rank]
+            set_rng_state(rank_state)
+            progress.load_rank_state(rank_state.get('epoch_state'))
         else:
             _logger.warning(f'Checkpoint RNG states are of {len(states)} process(es), not {args.world_size}: '
                             f'the run continues with fresh random streams.')
@@ -969,8 +1024,9 @@ def _train(argv=None) -> int:
     best_eval_metrics = None
     if checkpoint is not None and keeper is not None and keeper.best_metric is not None:
         best_eval_metrics = checkpoint.get('best_eval_metrics')
-    num_updates = start_epoch * updates_per_epoch
     last_epoch = start_epoch - 1
+    guard.eval_batches = len(loader_eval) if loader_eval is not None else 0
+    guard.checkpoint_bytes = 3 * sum(p.numel() * p.element_size() for p in task.get_trainable_module().parameters())
     for epoch in range(start_epoch, num_epochs):
         if hasattr(loader_train.sampler, 'set_epoch'):
             loader_train.sampler.set_epoch(epoch)
@@ -979,15 +1035,31 @@ def _train(argv=None) -> int:
         task.set_epoch(epoch)
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
+        if position and epoch == start_epoch and not progress.finished and not restore_loader_position(
+                loader_train, progress.batch, (rank_state or {}).get('loader'), rank_state):
+            remaining = progress.num_batches - progress.batch
+            _logger.warning(f'The training loader cannot start mid-epoch: the remaining {remaining} batches of epoch '
+                            f'{epoch} come from the start of its data.')
 
         try:
             train_metrics, num_updates = train_one_epoch(
                 epoch, task, loader_train, optimizer, args, device, lr_scheduler, amp_autocast, loss_scaler,
-                num_updates, parallel)
+                num_updates, parallel, guard=guard, progress=progress)
         except NonFiniteLossError as e:
             kept = f'; the last good checkpoint is {keeper.last_path}' if keeper and os.path.exists(
                 keeper.last_path) else ''
             raise CliError(f'{e}{kept}') from e
+        if progress.stopped:
+            _logger.info(f'Stopping in epoch {epoch} after batch {progress.batch} of {progress.num_batches}: '
+                         f'{guard.reason}.')
+            state = _checkpoint_state(
+                args, task, optimizer, lr_scheduler, loss_scaler, epoch - 1, num_updates,
+                rank_extra=dict(loader=loader_position_state(loader_train, progress.batch),
+                                epoch_state=progress.rank_state()),
+                position=progress.state_dict(), eval_metrics=eval_metrics, best_eval_metrics=best_eval_metrics)
+            _write_on_primary(args, device, guard, f'the mid-epoch checkpoint of epoch {epoch}', output_dir, keeper,
+                              keeper and keeper.save_recovery, epoch, progress.batch, state)
+            return _exit_preempted(args, guard, keeper, parallel)
         bad = _bad_samples(loader_train.dataset)
         if bad is not None and (args.workers == 0 or bad > 0):  # counts made in loader workers may not come back
             train_metrics['bad_images'] = bad
@@ -997,6 +1069,7 @@ def _train(argv=None) -> int:
         parallel.distribute_bn((model, model_ema), args.dist_bn)
 
         metric = None
+        eval_start = time.time()
         if loader_eval is not None:
             eval_metrics = validate_members(
                 model, loader_eval, device=device, amp_autocast=amp_autocast, channels_last=args.channels_last,
@@ -1011,45 +1084,115 @@ def _train(argv=None) -> int:
                 eval_metrics.update(('ema_' + k, v) for k, v in ema_metrics.items())
                 metric = ema_metrics[args.eval_metric]
             _log_eval(epoch, eval_metrics)
+        guard.note_eval(time.time() - eval_start)
 
         # collectives where the model is split over the processes: every rank takes part
-        rng_states = gather_rng_states(args.distributed)
-        model_state = task.get_checkpoint_state()
-        if model_ema is not None:
-            model_state.update(task.get_checkpoint_state(ema=True))
-        optimizer_state = task.optimizer_state_dict(optimizer)
-        if primary:
-            lrs = [group['lr'] for group in optimizer.param_groups]
-            update_summary(
-                epoch, train_metrics, eval_metrics, filename=summary_csv, lr=sum(lrs) / len(lrs),
-                write_header=not os.path.exists(summary_csv) or os.path.getsize(summary_csv) == 0,
-                log_wandb=args.log_wandb)
-            if metric is not None and (keeper.best_metric is None or metric > keeper.best_metric):
-                best_eval_metrics = dict(eval_metrics, epoch=epoch)
-            state = dict(
-                epoch=epoch, arch=args.model, version=2, args=_plain(vars(args)), **model_state,
-                optimizer=optimizer_state, scheduler=lr_scheduler.state_dict(), num_updates=num_updates,
-                rng=rng_states, eval_metrics=eval_metrics, best_eval_metrics=best_eval_metrics)
-            if loss_scaler is not None:
-                state[loss_scaler.state_dict_key] = loss_scaler.state_dict()
-            try:
-                keeper.save(epoch, state, metric)
-            except OSError as e:
-                raise CliError(f'cannot write the checkpoint of epoch {epoch} to {output_dir}: {e}') from e
-            if keeper.best_epoch is not None:
-                _logger.info(f'*** Best ensemble top-1 so far: {keeper.best_metric:.3f} (epoch {keeper.best_epoch})')
+        state = _checkpoint_state(args, task, optimizer, lr_scheduler, loss_scaler, epoch, num_updates)
+
+        if primary and metric is not None and (keeper.best_metric is None or metric > keeper.best_metric):
+            best_eval_metrics = dict(eval_metrics, epoch=epoch)
+        _write_on_primary(
+            args, device, guard, f'the checkpoint of epoch {epoch}', output_dir, keeper, _write_epoch, args, keeper,
+            optimizer, summary_csv, epoch, train_metrics, eval_metrics, metric,
+            primary and dict(state, eval_metrics=eval_metrics, best_eval_metrics=best_eval_metrics))
 
         lr_scheduler.step(epoch + 1, metric)
         last_epoch = epoch
+        progress = progress.next_epoch()
         if args.stop_epoch is not None and epoch >= args.stop_epoch and epoch + 1 < num_epochs:
             _logger.info(f'Stopping after epoch {epoch} (--stop-epoch); continue with --resume '
                          f'{keeper.last_path if keeper else "last.pth.tar"}.')
             break
+        if epoch + 1 < num_epochs and guard.agree():
+            _logger.info(f'Stopping after epoch {epoch}: {guard.reason}.')
+            return _exit_preempted(args, guard, keeper, parallel)
 
     if primary and last_epoch + 1 >= num_epochs:
         _finish(args, task, keeper, output_dir, summary_csv, best_eval_metrics or eval_metrics)
     parallel.finish()
     return 0
+
+
+def _find_auto_resume(args, exp_name: str, device: torch.device) -> Tuple[str, Optional[Dict[str, Any]]]:
+    """--resume auto: (path, checkpoint) of the newest complete checkpoint in the run folder, ('', None) for a fresh
+    start."""
+    if not args.experiment:
+        raise CliError('--resume auto looks for checkpoints in the run folder, whose name must stay the same from one '
+                       'start to the next: add --experiment NAME (e.g. the SLURM job id).')
+    folder = os.path.join(args.output or './output/train', exp_name)
+    found = find_resume_checkpoint(folder, args.distributed, device if device.type == 'cuda' else None)
+    if not found:
+        _logger.info(f'--resume auto: no checkpoint in {folder}, starting a new run.')
+        return '', None
+    _logger.info(f'--resume auto: continuing from {found[0]}.')
+    return found
+
+
+def _checkpoint_state(
+        args, task: CoTrainingTask, optimizer, lr_scheduler, loss_scaler, epoch: int, num_updates: int,
+        rank_extra: Optional[Dict[str, Any]] = None, **extra) -> Optional[Dict[str, Any]]:
+    """The training checkpoint of the run after `epoch` (collectives: every rank calls it); None on ranks > 0.
+
+    `rank_extra`: this rank's entries stored beside its random state; `extra`: more entries (e.g. `position`).
+    """
+    rng_states = gather_rng_states(args.distributed, extra=rank_extra)
+    model_state = task.get_checkpoint_state()
+    if args.model_ema:
+        model_state.update(task.get_checkpoint_state(ema=True))
+    optimizer_state = task.optimizer_state_dict(optimizer)
+    if args.rank != 0:
+        return None
+    state = dict(
+        epoch=epoch, arch=args.model, version=2, args=_plain(vars(args)), **model_state, optimizer=optimizer_state,
+        scheduler=lr_scheduler.state_dict(), num_updates=num_updates, rng=rng_states, **extra)
+    if loss_scaler is not None:
+        state[loss_scaler.state_dict_key] = loss_scaler.state_dict()
+    return state
+
+
+def _write_on_primary(
+        args, device, guard: PreemptionGuard, what: str, folder: Optional[str], keeper, write, *write_args) -> None:
+    """Run `write(*write_args)` on rank 0; when it fails (full disk, read-only folder), every rank stops with an error
+    (a collective). Signals that arrive meanwhile wait until the files are complete."""
+    start = time.time()
+    error = None
+    if args.rank == 0:
+        try:
+            write(*write_args)
+        except OSError as e:
+            error = e
+    if not agree_all(error is None, args.distributed, device if device.type == 'cuda' else None):
+        if error is None:
+            raise CliError(f'rank 0 could not write {what} (see its message); this rank stops too.')
+        kept = f'; {keeper.last_path} is unchanged' if keeper and os.path.exists(keeper.last_path) else ''
+        raise CliError(describe_write_failure(what, folder, error) + kept) from error
+    guard.note_save(time.time() - start)
+    guard.restart_step_clock()
+
+
+def _write_epoch(args, keeper, optimizer, summary_csv: str, epoch: int, train_metrics, eval_metrics, metric,
+                 state: Dict[str, Any]) -> None:
+    """The summary.csv row and the checkpoints of an epoch (rank 0)."""
+    lrs = [group['lr'] for group in optimizer.param_groups]
+    update_summary(
+        epoch, train_metrics, eval_metrics, filename=summary_csv, lr=sum(lrs) / len(lrs),
+        write_header=not os.path.exists(summary_csv) or os.path.getsize(summary_csv) == 0, log_wandb=args.log_wandb)
+    keeper.save(epoch, state, metric)
+    if keeper.best_epoch is not None:
+        _logger.info(f'*** Best ensemble top-1 so far: {keeper.best_metric:.3f} (epoch {keeper.best_epoch})')
+
+
+def _exit_preempted(args, guard: PreemptionGuard, keeper, parallel: DataParallelTraining) -> int:
+    """Log how to continue and end the processes of a run stopped by a signal or --max-time."""
+    if guard.received:
+        _logger.info(f'Signals received: {guard.describe_signals()}.')
+    where = f' to {keeper.checkpoint_dir}' if keeper else ''
+    _logger.info(f'Checkpoint written{where} in {guard.last_save_seconds:.1f} s; exiting with code '
+                 f'{PREEMPTED_EXIT_CODE}: run the same command with --resume auto to continue '
+                 f'({format_duration(guard.elapsed())} in this process).')
+    guard.close()
+    parallel.finish()
+    return PREEMPTED_EXIT_CODE
 
 
 def _truncate_summary(summary_csv: str, start_epoch: int) -> None:
@@ -1160,30 +1303,42 @@ def train_one_epoch(
         loss_scaler: Optional[NativeScaler] = None,
         num_updates: int = 0,
         parallel: Optional[DataParallelTraining] = None,
+        guard: Optional[PreemptionGuard] = None,
+        progress: Optional[EpochProgress] = None,
 ):
     """One epoch of co-training (`parallel`: the hooks of the run's mode, default single process / DDP).
 
+    `progress` says where the epoch starts (a batch after the first when resumed mid-epoch, with the loss sums so
+    far) and records where it ends. `guard` is polled after every optimizer step: when it asks for a stop, the epoch
+    ends there with `progress.stopped` set (also after the last batch, when the evaluation would not fit the budget).
+
     Returns:
-        (metrics, num_updates): mean `loss`, `loss_ce`, `loss_cot` per image and the epoch's `cot_weight`.
+        (metrics, num_updates): mean `loss`, `loss_ce`, `loss_cot` per image and the epoch's `cot_weight`; metrics
+        is None when the epoch stopped early.
     """
     model = task.get_trainable_module()
     model.train()
-    num_batches = len(loader)
+    progress = progress if progress is not None else EpochProgress(epoch)
+    num_batches = progress.num_batches = progress.num_batches or len(loader)
+    start_batch = progress.batch
     last_batch_idx = num_batches - 1
-    schedule = accumulation_schedule(num_batches, args.grad_accum_steps)
+    schedule = itertools.islice(accumulation_schedule(num_batches, args.grad_accum_steps), start_batch, None)
     parallel = parallel or DataParallelTraining(args.seed, args.world_size if args.distributed else 1)
+    nan_skip = getattr(args, 'nan_skip', 0) or 0
 
     # running sums of loss, CE, co-training loss on the device (read at log steps only), images on the host
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    num_images = 0
+    sums = torch.tensor(progress.sums, dtype=torch.float64, device=device)
+    num_images = progress.num_images
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    cot_weight = task.criterion.current_cot_weight
+    cot_weight = task.criterion.current_cot_weight if progress.cot_weight is None else progress.cot_weight
     start = last_log = time.time()
     images_since_log = 0
     data_time = 0.
+    skip_group = False  # a batch of the current accumulation group had a non-finite loss (--nan-skip)
     optimizer.zero_grad()
     data_end = time.time()
-    for batch_idx, ((input, target), (group_size, step_after)) in enumerate(zip(loader, schedule)):
+    # the range comes first: zip stops before asking a loader that cannot start mid-epoch for a batch too many
+    for batch_idx, (input, target), (group_size, step_after) in zip(range(start_batch, num_batches), loader, schedule):
         last_batch = batch_idx == last_batch_idx
         if not args.prefetcher:
             input, target = input.to(device, non_blocking=True), target.to(device, non_blocking=True)
@@ -1197,26 +1352,43 @@ def train_one_epoch(
             with amp_autocast():
                 result = task(input, target)
             loss = result['loss']
-            _backward(task, loss / group_size, optimizer, loss_scaler, args, step=step_after)
+            bad_ranks = nonfinite_ranks(loss, args.distributed) if nan_skip else []
+            skip_group = skip_group or bool(bad_ranks)
+            if not bad_ranks:
+                _backward(task, loss / group_size, optimizer, loss_scaler, args, step=step_after and not skip_group)
         if step_after:
             optimizer.zero_grad()
             num_updates += 1
-            task.update_ema(step=num_updates)
+            if skip_group:
+                try:
+                    skip_nonfinite_step(progress, model, args.nan_skip, batch_idx, args.distributed)
+                except NonFiniteLoss as e:
+                    raise NonFiniteLossError(f'{e}; stopping. Lower --lr, add --clip-grad or check the data') from e
+                if getattr(args, 'rank', 0) == 0:
+                    _logger.warning(f'Skipped optimizer steps so far: {progress.skipped_steps} of --nan-skip '
+                                    f'{args.nan_skip}.')
+                skip_group = False
+            else:
+                task.update_ema(step=num_updates)
             lr_scheduler.step_update(num_updates=num_updates)
             if getattr(args, 'synchronize_step', False) and device.type == 'cuda':
                 torch.cuda.synchronize(device)
 
         batch_size = result['batch_size']  # images, not S x images
-        nonfinite |= ~torch.isfinite(loss.detach())
-        sums += torch.stack([loss.detach(), result['loss_ce'], result['loss_cot']]).double() * batch_size
-        num_images += batch_size
+        if not bad_ranks:
+            nonfinite |= ~torch.isfinite(loss.detach())
+            sums += torch.stack([loss.detach(), result['loss_ce'], result['loss_cot']]).double() * batch_size
+            num_images += batch_size
+        elif getattr(args, 'rank', 0) == 0:
+            _logger.warning(f'Epoch {epoch} batch {batch_idx}: the loss is NaN or infinite on rank(s) '
+                            f'{", ".join(map(str, bad_ranks))}; its optimizer step is skipped (--nan-skip).')
         cot_weight = result['cot_weight']
         images_since_log += batch_size * parallel.data_parallel_size
 
         if last_batch or batch_idx % max(1, args.log_interval) == 0:
             _check_finite(nonfinite, epoch, batch_idx, args.distributed)
             now = time.time()
-            loss_avg, ce_avg, cot_avg = (v / num_images for v in sums.tolist())
+            loss_avg, ce_avg, cot_avg = (v / max(num_images, 1) for v in sums.tolist())
             lrs = [group['lr'] for group in optimizer.param_groups]
             _logger.info(
                 f'Train: {epoch} [{batch_idx:>4d}/{num_batches} ({100. * (batch_idx + 1) / num_batches:>3.0f}%)]  '
@@ -1224,9 +1396,20 @@ def train_one_epoch(
                 f'Time: {now - start:.1f}s, {images_since_log / max(now - last_log, 1e-6):>7.1f} images/s  '
                 f'LR: {sum(lrs) / len(lrs):.3e}  Data: {data_time:.1f}s')
             last_log, images_since_log = now, 0
+        if step_after:
+            progress.batch = batch_idx + 1
+            if guard is not None and guard.poll():
+                progress.stopped = True
+                break
         data_end = time.time()
 
-    _check_finite(nonfinite, epoch, last_batch_idx, args.distributed)
+    # after the last batch: stop before the evaluation too when the budget would not hold it
+    if not progress.stopped and guard is not None and guard.agree(guard.eval_estimate()):
+        progress.stopped = True
+    _check_finite(nonfinite, epoch, progress.batch - 1, args.distributed)
+    if progress.stopped:  # the checkpoint takes the sums so far
+        progress.sums, progress.num_images, progress.cot_weight = sums.tolist(), num_images, cot_weight
+        return None, num_updates
     sums = torch.cat([sums, torch.tensor([num_images], dtype=torch.float64, device=device)])
     if args.distributed:
         torch.distributed.all_reduce(sums)

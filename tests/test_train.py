@@ -249,9 +249,8 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     keeper = train_state.CheckpointKeeper(str(tmp_path), max_history=1)
     keeper.save(0, dict(epoch=0, state_dict={'w': torch.ones(3)}), metric=10.)
 
-    def failing_save(obj, path, *args, **kwargs):
-        with open(path, 'wb') as f:
-            f.write(b'partial')
+    def failing_save(obj, f, *args, **kwargs):
+        f.write(b'partial')
         raise OSError('disk full')
 
     monkeypatch.setattr(train_state.torch, 'save', failing_save)

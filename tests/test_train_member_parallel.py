@@ -237,7 +237,9 @@ def test_failing_rank_stops_the_job(image_folder, tmp_path, mode):
         mode, 1, 2, '--', '--data-dir', image_folder, *TINY, '--epochs', 1, '--output', tmp_path,
         '--member-parallel', '--dist-timeout', 5, script=FAULT, cwd=tmp_path, timeout=120)
     assert proc.returncode != 0, output[-4000:]
-    assert elapsed < 60, f'took {elapsed:.0f} s'
+    # a stalled rank catches torchrun's SIGTERM (a preemption signal: it would checkpoint after its step) and ends
+    # with torchrun's SIGKILL, 30 s later
+    assert elapsed < (60 if mode == 'die' else 100), f'took {elapsed:.0f} s'
     if mode == 'die':  # torchrun's summary names the failed rank with its traceback (record)
         assert 'RuntimeError: injected failure on rank 1' in output and re.search(r'rank\s*:\s*1 ', output)
     else:  # rank 0 gives up after --dist-timeout, naming the rank it waited for

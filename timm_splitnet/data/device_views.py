@@ -144,6 +144,18 @@ class DeviceViewAugment:
             self._generators[device] = torch.Generator(device=device).manual_seed(self._seed_value)
         return self._generators[device]
 
+    def state_dict(self) -> Dict[str, Any]:
+        """Where the random stream stands (the epoch's seed, every device generator): a mid-epoch checkpoint."""
+        return dict(seed_value=self._seed_value,
+                    generators={str(d): g.get_state() for d, g in self._generators.items()})
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Continue the stream of `state_dict` (after `set_epoch` of the same epoch)."""
+        self._seed_value = int(state['seed_value'])
+        self._generators.clear()
+        for device, generator_state in state.get('generators', {}).items():
+            self.generator(device).set_state(generator_state.cpu())
+
     # ----- draws -----
 
     def _rand(self, shape: Tuple[int, ...], g: torch.Generator) -> torch.Tensor:

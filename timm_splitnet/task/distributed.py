@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.utils.data
 
 from timm.layers import convert_sync_batchnorm
-from timm.utils import NativeScaler, distribute_bn, init_distributed_device
+from timm.utils import NativeScaler, distribute_bn, init_distributed_device, is_distributed_env, world_info_from_env
 
 from ..data import MultiViewDataset
 from ..loss import CoTrainingLoss
@@ -60,25 +60,52 @@ class DataParallelTraining:
     `distribute_bn`; at the end `finish`.
     """
 
-    def __init__(self, seed: int = 0, world_size: int = 1):
+    def __init__(
+            self,
+            seed: int = 0,
+            world_size: int = 1,
+            timeout: Union[None, float, timedelta] = None,
+            backend: Optional[str] = None,
+    ):
         """
         Args:
             seed: The run's seed.
             world_size: Number of processes (`init_device` sets it).
+            timeout: Collective timeout in seconds: a collective waiting longer for a dead or stalled rank fails
+                (default: torch's).
+            backend: torch.distributed backend (default: nccl on CUDA, gloo otherwise).
         """
         self.seed = seed
         self.world_size = world_size
         self.distributed = world_size > 1
+        self.timeout = timeout
+        self.backend = backend
 
     # ----- processes and model -----
 
     def init_device(self, args: Any) -> torch.device:
-        """timm's `init_distributed_device`: sets `args.distributed`, `world_size`, `rank`, `local_rank`, `device`.
+        """As timm's `init_distributed_device` (torchrun's or SLURM's environment, cuda:LOCAL_RANK on GPUs), with the
+        collective `timeout`: sets `args.distributed`, `world_size`, `rank`, `local_rank`, `device`.
 
         Args:
             args: The run's arguments (an argparse namespace with at least `device` and `dist_backend`).
         """
-        device = init_distributed_device(args)
+        if self.timeout is None or not is_distributed_env():
+            device = init_distributed_device(args)
+            self.distributed, self.world_size = args.distributed, args.world_size
+            return device
+        if 'RANK' not in os.environ:  # srun without torchrun: torch's env:// reads the ranks from these, as timm's
+            local_rank, rank, world_size = world_info_from_env()
+            os.environ.update(LOCAL_RANK=str(local_rank), RANK=str(rank), WORLD_SIZE=str(world_size))
+        return self._init_from_env(args)
+
+    def _init_from_env(self, args: Any) -> torch.device:
+        device = init_distributed_from_env(args.device, backend=self.backend, timeout=self.timeout)
+        args.distributed = dist.is_initialized()
+        args.world_size = dist.get_world_size() if args.distributed else 1
+        args.rank = dist.get_rank() if args.distributed else 0
+        args.local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        args.device = str(device)
         self.distributed, self.world_size = args.distributed, args.world_size
         return device
 
@@ -196,9 +223,7 @@ class MemberParallelTraining(DataParallelTraining):
             timeout: Collective timeout in seconds: a collective waiting longer for a dead or stalled rank fails.
             backend: torch.distributed backend (default: nccl on CUDA, gloo otherwise).
         """
-        super().__init__(seed)
-        self.timeout = timeout
-        self.backend = backend
+        super().__init__(seed, timeout=timeout, backend=backend)
         self.plan: Optional[MemberParallelPlan] = None
 
     def _plan(self) -> MemberParallelPlan:
@@ -209,14 +234,7 @@ class MemberParallelTraining(DataParallelTraining):
     def init_device(self, args: Any) -> torch.device:
         """The default process group from torchrun's environment with the collective timeout (cuda:LOCAL_RANK on
         GPUs); sets `args.distributed`, `world_size`, `rank`, `local_rank`, `device` as timm's does."""
-        device = init_distributed_from_env(args.device, backend=self.backend, timeout=self.timeout)
-        args.distributed = dist.is_initialized()
-        args.world_size = dist.get_world_size() if args.distributed else 1
-        args.rank = dist.get_rank() if args.distributed else 0
-        args.local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-        args.device = str(device)
-        self.distributed, self.world_size = args.distributed, args.world_size
-        return device
+        return self._init_from_env(args)
 
     def setup_model(
             self,

@@ -1,10 +1,13 @@
-""" Training state for exact resumption (every RNG stream) and an atomic checkpoint keeper
+""" Training state for exact resumption (every RNG stream), an atomic checkpoint keeper, finding the checkpoint to
+resume from
 
 See `docs/training.md` for what a resumed run restores.
 """
+import errno
 import logging
 import os
 import random
+import re
 import shutil
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -15,7 +18,7 @@ from .checkpoint import atomic_save
 
 __all__ = [
     'get_rng_state', 'set_rng_state', 'gather_rng_states', 'CheckpointKeeper', 'load_checkpoint_file',
-    'NotATrainingCheckpoint',
+    'NotATrainingCheckpoint', 'find_resume_checkpoint', 'checkpoint_progress', 'describe_write_failure',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -54,9 +57,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
                 f'{torch.cuda.device_count()}: CUDA random streams are not restored.')
 
 
-def gather_rng_states(distributed: bool = False) -> List[Dict[str, Any]]:
-    """The RNG state of every rank (index = rank); a list of one without distributed training."""
+def gather_rng_states(distributed: bool = False, extra: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """The RNG state of every rank (index = rank), with this rank's `extra` entries; a list of one without
+    distributed training."""
     state = get_rng_state()
+    state.update(extra or {})
     if not distributed:
         return [state]
     states = [None] * torch.distributed.get_world_size()
@@ -87,6 +92,21 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
         raise NotATrainingCheckpoint(f'{path} is not a training checkpoint of this script (no state_dict).')
     return checkpoint
+
+
+def save_checkpoint_file(obj: Any, path: str) -> None:
+    """`torch.save` to `path` through a Python file, so that a failed write (full disk, quota, file-size limit) raises
+    the OSError with its errno instead of torch's RuntimeError."""
+    try:
+        with open(path, 'wb') as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        error = e.__context__
+        while error is not None and not isinstance(error, OSError):
+            error = error.__context__
+        if error is None:
+            raise
+        raise OSError(error.errno, error.strerror, path) from e
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -125,6 +145,33 @@ class CheckpointKeeper:
     def best_path(self) -> str:
         return os.path.join(self.checkpoint_dir, 'model_best.pth.tar')
 
+    def recovery_files(self) -> List[str]:
+        """Paths of the mid-epoch checkpoints (`recovery-<epoch>-<batch>.pth.tar`) in the folder."""
+        if not os.path.isdir(self.checkpoint_dir):
+            return []
+        return [os.path.join(self.checkpoint_dir, n) for n in sorted(os.listdir(self.checkpoint_dir))
+                if _RECOVERY.match(n)]
+
+    def save_recovery(self, epoch: int, batch: int, state: Dict[str, Any]) -> str:
+        """Write the mid-epoch checkpoint of `epoch` after `batch` batches, then remove older mid-epoch ones.
+
+        Returns:
+            Its path.
+        """
+        path = os.path.join(self.checkpoint_dir, f'recovery-{epoch}-{batch}.pth.tar')
+        state = dict(state, keeper=self.state_dict())
+        atomic_save(path, lambda tmp: save_checkpoint_file(state, tmp))
+        self._remove_recovery(keep=path)
+        return path
+
+    def _remove_recovery(self, keep: Optional[str] = None) -> None:
+        for path in self.recovery_files():
+            if path != keep:
+                try:
+                    os.remove(path)
+                except OSError as e:  # the newer checkpoint is written; a stale one only costs space
+                    _logger.warning(f'Could not remove the old mid-epoch checkpoint {path}: {e}')
+
     def state_dict(self) -> Dict[str, Any]:
         return dict(best_metric=self.best_metric, best_epoch=self.best_epoch, history=[list(h) for h in self.history])
 
@@ -162,7 +209,7 @@ class CheckpointKeeper:
             history = sorted([h for h in self.history if h[0] != name] + [(name, metric)], key=lambda h: -h[1])
             self.history, evicted = history[:self.max_history], history[self.max_history:]
         state = dict(state, keeper=self.state_dict(), metric=metric)
-        atomic_save(self.last_path, lambda tmp: torch.save(state, tmp))
+        atomic_save(self.last_path, lambda tmp: save_checkpoint_file(state, tmp))
         if is_best:
             atomic_save(self.best_path, lambda tmp: _link_or_copy(self.last_path, tmp))
         if keep:
@@ -171,4 +218,100 @@ class CheckpointKeeper:
             path = os.path.join(self.checkpoint_dir, old)
             if os.path.exists(path):
                 os.remove(path)
+        self._remove_recovery()  # the end of this epoch supersedes every mid-epoch checkpoint
         return is_best
+
+
+_RECOVERY = re.compile(r'^recovery-(\d+)-(\d+)\.pth\.tar$')
+_HISTORY = re.compile(r'^checkpoint-(\d+)\.pth\.tar$')
+
+
+def checkpoint_progress(checkpoint: Dict[str, Any]) -> Tuple[int, int]:
+    """(epoch, batches done in it) where a checkpoint continues: its `position` (mid-epoch), else the epoch after
+    its `epoch`, from batch 0."""
+    position = checkpoint.get('position')
+    if position:
+        return int(position['epoch']), int(position['batch'])
+    return int(checkpoint.get('epoch', -1)) + 1, 0
+
+
+def find_resume_checkpoint(
+        folder: str,
+        distributed: bool = False,
+        device: Optional[torch.device] = None,
+) -> Optional[Tuple[str, Optional[Dict[str, Any]]]]:
+    """The newest complete training checkpoint in `folder`: (path, checkpoint), None when there is none.
+
+    Candidates are the mid-epoch `recovery-<epoch>-<batch>.pth.tar`, `last.pth.tar` and the kept
+    `checkpoint-<epoch>.pth.tar`; the one that continues latest (`checkpoint_progress`) wins. A file that cannot be
+    read (cut short by a copy, not a checkpoint) is skipped with a warning and the next newest is taken.
+
+    With `distributed` (a collective), rank 0 looks and the other ranks get its path, with None for the checkpoint
+    (they load the file themselves); `device`: that of the broadcast (the rank's GPU under NCCL).
+    """
+    if not distributed:
+        return _find_resume_checkpoint(folder)
+    found = _find_resume_checkpoint(folder) if torch.distributed.get_rank() == 0 else None
+    shared = [found[0] if found else '']
+    torch.distributed.broadcast_object_list(shared, src=0, device=device)
+    if not shared[0]:
+        return None
+    return found if found else (shared[0], None)
+
+
+def _find_resume_checkpoint(folder: str) -> Optional[Tuple[str, Dict[str, Any]]]:
+    if not os.path.isdir(folder):
+        return None
+    candidates = []  # (progress, preference, path); the progress of last.pth.tar is read from the file
+    loaded: Dict[str, Dict[str, Any]] = {}
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        recovery, history = _RECOVERY.match(name), _HISTORY.match(name)
+        if recovery:
+            candidates.append(((int(recovery[1]), int(recovery[2])), 2, path))
+        elif history:
+            candidates.append(((int(history[1]) + 1, 0), 0, path))
+        elif name == 'last.pth.tar':
+            try:
+                loaded[path] = load_checkpoint_file(path)
+            except (ValueError, OSError) as e:
+                _logger.warning(f'Not resuming from {path}: {e}')
+                continue
+            candidates.append((checkpoint_progress(loaded[path]), 1, path))
+    for _, _, path in sorted(candidates, reverse=True):
+        if path in loaded:
+            return path, loaded[path]
+        try:
+            return path, load_checkpoint_file(path)
+        except (ValueError, OSError) as e:
+            _logger.warning(f'Not resuming from {path}: {e}')
+    return None
+
+
+_WRITE_HINTS = {
+    errno.ENOSPC: 'the disk is full',
+    errno.EDQUOT: 'the disk quota is used up',
+    errno.EROFS: 'the file system is read-only',
+    errno.EACCES: 'no permission to write there',
+    errno.EPERM: 'no permission to write there',
+    errno.EFBIG: 'the file exceeds the file-size limit of this process (ulimit -f)',
+}
+
+
+def _size_text(num_bytes: float) -> str:
+    for unit in ('B', 'KiB', 'MiB', 'GiB', 'TiB'):
+        if num_bytes < 1024 or unit == 'TiB':
+            return f'{num_bytes:.0f} {unit}' if unit == 'B' else f'{num_bytes:.1f} {unit}'
+        num_bytes /= 1024
+    return ''
+
+
+def describe_write_failure(what: str, folder: str, error: OSError) -> str:
+    """One line for a failed write into `folder`: what, where, the free space there, the cause."""
+    try:
+        free = f'{_size_text(shutil.disk_usage(folder).free)} free'
+    except OSError:
+        free = 'free space unknown'
+    cause = error.strerror or str(error)
+    hint = _WRITE_HINTS.get(error.errno)
+    return f'cannot write {what} to {folder} ({free}): {cause}' + (f' ({hint})' if hint else '')

@@ -40,8 +40,30 @@ def init_distributed_from_env(
         dev = torch.device(device)
     if not dist.is_initialized() and int(os.environ.get('WORLD_SIZE', '1')) > 1:
         backend = backend or ('nccl' if dev.type == 'cuda' else 'gloo')
-        dist.init_process_group(backend=backend, timeout=as_timedelta(timeout))
+        store = _restart_store(as_timedelta(timeout))
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=as_timedelta(timeout))
+        else:
+            dist.init_process_group(backend=backend, timeout=as_timedelta(timeout), store=store,
+                                    rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']))
     return dev
+
+
+def _restart_store(timeout: timedelta) -> Optional[dist.Store]:
+    """After a torchrun restart on one node: torchrun's store, with the keys of this restart apart from those of the
+    previous start (None otherwise).
+
+    torchrun shares its store with the workers and keeps it over restarts, with the previous start's keys in it:
+    a restarted worker may read a peer's address of the last start and fail to connect (pytorch/pytorch#167288). On
+    one node the restart count is the same in every worker and serves as a prefix (across nodes it is not).
+    """
+    restart = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
+    if (restart == 0 or os.environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True'
+            or os.environ.get('GROUP_WORLD_SIZE') != '1'):
+        return None
+    store = dist.TCPStore(os.environ['MASTER_ADDR'], int(os.environ['MASTER_PORT']), int(os.environ['WORLD_SIZE']),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f'timm_splitnet/restart_{restart}/', store)
 
 
 def init_member_parallel(
