@@ -4,12 +4,12 @@
         OUT WDS HF FOLDER PORT1 PORT2
 
 For ``wds/digits`` in WDS and ``hfids/<HF>`` (the shards of tests/conftest.py) every rank builds its training loader
-as train.py does (`_create_datasets`, `_create_loaders`), once with the views made on the CPU and once with
-``--views-on-device``, and reads epochs 0 and 1. It records how often the two views of a sample are equal, and which
-samples it read, as digests of their decoded pixels; rank 0 gathers them with the digests of FOLDER's training
-images (the files the shards were written from). Then train.py trains one epoch on each data set (wds/: CPU views,
-hfids/: views on the device) into OUT/<name>_ddp, on the free ports PORT1 and PORT2. Rank 0 writes
-OUT/result.json for tests/test_streaming.py.
+as train.py does (`_create_datasets`, `_create_loaders`) with ``--views-on-device`` (and for wds/ also with the
+views made on the CPU) and reads epochs 0 and 1 (CPU views: epoch 0). It records how often the two views of a sample
+are equal and which samples it read, as digests of their decoded pixels; rank 0 gathers them with the digests of
+FOLDER's training images (the files the shards were written from). Then train.py trains a short epoch (100 samples)
+on each data set (wds/: CPU views, hfids/: views on the device) into OUT/<name>_ddp, on the free ports PORT1 and
+PORT2. Rank 0 writes OUT/result.json for tests/test_streaming.py.
 """
 import hashlib
 import importlib.util
@@ -53,11 +53,12 @@ def equal_view_fraction(images: torch.Tensor, num_views: int = 2) -> float:
 
 
 def read_epochs(train, args, parallel, device) -> dict:
-    """Epochs 0 and 1 of this rank's training loader: sample digests per epoch, equal-view fraction, batch count."""
+    """This rank's training loader: its batch count, how often the views of a sample are equal, and (views on the
+    device) the digests of the samples of epochs 0 and 1, in order."""
     dataset_train, _ = train._create_datasets(args)
     loader, _, _ = train._create_loaders(args, DATA_CONFIG, dataset_train, None, 2, device, parallel)
     result = dict(batches=len(loader), epochs=[], equal_views=[])
-    for epoch in (0, 1):
+    for epoch in ((0, 1) if args.views_on_device else (0,)):
         set_data_epoch(loader.dataset, epoch)
         if args.views_on_device:
             loader.set_epoch(epoch)
@@ -81,7 +82,7 @@ def main(out: str, wds: str, hf: str, folder: str, ports) -> None:
     parallel = device = first = None
     report = {}
     for name, argv in data.items():
-        for views_on_device in (False, True):
+        for views_on_device in ((False, True) if name == 'wds' else (True,)):
             args, _ = train._parse_args(COMMON + argv + ['--val-split', ''] + (
                 ['--views-on-device'] if views_on_device else []))
             args.prefetcher = not args.no_prefetcher
@@ -107,7 +108,8 @@ def main(out: str, wds: str, hf: str, folder: str, ports) -> None:
     # fresh rendezvous store (a port of its own) rather than torchrun's, which keeps the keys of the groups before
     for (name, extra), port in zip((('wds', []), ('hfids', ['--views-on-device'])), ports):
         os.environ.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE='False')
-        train.main(COMMON + data[name] + extra + ['--epochs', '1', '--output', out, '--experiment', f'{name}_ddp'])
+        train.main(COMMON + data[name] + extra + ['--epochs', '1', '--train-num-samples', '100', '--output', out,
+                                                   '--experiment', f'{name}_ddp'])
 
 
 if __name__ == '__main__':

@@ -127,7 +127,7 @@ def write_wds_shards(
     Returns:
         The split's entry of ``_info.json``.
     """
-    check_reader_installed('wds/')
+    check_reader_installed('wds/', packages_only=True)
     import webdataset as wds
     if shard_size < 1:
         raise ValueError(f'shard_size must be >= 1, got {shard_size}.')
@@ -238,7 +238,7 @@ def write_hf_shards(
     Returns:
         The sample count of every split now in the folder.
     """
-    check_reader_installed('hfds/')
+    check_reader_installed('hfds/', packages_only=True)
     import datasets
     if shard_size < 1:
         raise ValueError(f'shard_size must be >= 1, got {shard_size}.')

@@ -5,6 +5,7 @@ data set (`--epoch-repeats` and `--train-num-samples`), and the per-epoch reseed
 function of (seed, epoch, rank). See docs/data.md.
 """
 import importlib
+import importlib.util
 import math
 import os
 from typing import Any, Optional
@@ -36,24 +37,38 @@ def dataset_prefix(name: str) -> str:
     return prefix.lower() if sep else ''
 
 
-def check_reader_installed(name: str) -> None:
+def check_reader_installed(name: str, packages_only: bool = False) -> None:
     """Import what the reader of data set `name` needs, with an error naming the extra that installs it.
 
+    Args:
+        name: Data set name ('wds/...', 'hfids/...', ...); other prefixes need nothing.
+        packages_only: Check the packages only, not whether timm's reader works with them (e.g. to write shards).
+
     Raises:
-        ImportError: A package of the reader is missing (or fails to import).
+        ImportError: A package of the reader is missing (or fails to import), or the installed timm cannot read with
+            it.
     """
     prefix = dataset_prefix(name)
     if prefix not in READER_PACKAGES:
         return
     modules, packages, extra = READER_PACKAGES[prefix]
+    how = f"pip install 'timm-splitnet[{extra}]'" if extra else f'pip install {" ".join(packages)}'
     for module in modules:
         try:
             importlib.import_module(module)
         except ImportError as e:
-            how = f"pip install 'timm-splitnet[{extra}]'" if extra else f'pip install {" ".join(packages)}'
             raise ImportError(
                 f'data set {name!r} is read by timm\'s {prefix}/ reader, which needs the {module} package '
                 f'({e}): {how}.') from e
+    if prefix in ('hfds', 'hfids') and not packages_only:
+        import datasets
+        import timm
+        # timm < 1.0.31 passes trust_remote_code to datasets, whose 4.0 release removed it (timm's _hfds module
+        # came with the fix)
+        if int(datasets.__version__.split('.')[0]) >= 4 and importlib.util.find_spec('timm.data.readers._hfds') is None:
+            raise ImportError(
+                f'data set {name!r}: the Hugging Face readers of timm {timm.__version__} do not work with datasets '
+                f'{datasets.__version__} (timm 1.0.31 or newer does): {how}.')
 
 
 def check_shard_root(name: str, root: Optional[str]) -> None:
