@@ -11,6 +11,7 @@ held one class would give batches of few classes. See docs/data.md.
 import glob
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -22,6 +23,8 @@ from PIL import Image
 from .streaming import check_reader_installed
 
 __all__ = ['dataset_class_names', 'iter_encoded_samples', 'write_hf_shards', 'write_wds_shards']
+
+_logger = logging.getLogger(__name__)
 
 _EXT = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}
 _TRAIN_SPLITS = ('train', 'training')
@@ -91,6 +94,12 @@ def _order(num_samples: int, split: str, shuffle: Optional[bool], seed: int) -> 
     return np.arange(num_samples)
 
 
+def _log_progress(split: str, shard: int, num_shards: int, path: str) -> None:
+    """One line per shard for short splits, about every 5 % of the shards for long ones."""
+    if num_shards <= 20 or (shard + 1) % max(1, num_shards // 20) == 0 or shard + 1 == num_shards:
+        _logger.info(f'{split}: shard {shard + 1}/{num_shards} written ({path})')
+
+
 def _replace_json(path: str, value: Dict[str, Any]) -> None:
     tmp = path + '.tmp'
     with open(tmp, 'w') as f:
@@ -147,6 +156,7 @@ def write_wds_shards(
         os.replace(path + '.tmp', path)
         filenames.append(filename)
         lengths.append(len(picks))
+        _log_progress(split, shard, num_shards, path)
 
     info_path = os.path.join(output_dir, '_info.json')
     info: Dict[str, Any] = {}
@@ -270,4 +280,5 @@ def write_hf_shards(
         else:
             _write_arrow_stream(part.data.table, path + '.tmp')
         os.replace(path + '.tmp', path)
+        _log_progress(split, shard, num_shards, path)
     return _write_card(output_dir, features)
