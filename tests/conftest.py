@@ -8,6 +8,10 @@ are those of :class:`timm_splitnet.data.DigitsDataset` (the README demo's data s
 digits upscaled bicubically to 32x32). The last training image of every class is written as a grayscale (mode L)
 JPEG, so the folder readers' conversion to RGB is exercised; tests that need corrupt, truncated or zero-byte files
 copy the folder and add them.
+
+``digits8_folder``: the same kind of folder with digits at their native 8x8 pixels, 50 training and 20 validation
+images per class; ``wds_shards`` and ``hf_shards``: its files as webdataset shards and as a Hugging Face data set
+folder, written by ``timm_splitnet.data.write_wds_shards`` / ``write_hf_shards`` (tests/test_streaming.py).
 """
 import os
 from pathlib import Path

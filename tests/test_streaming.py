@@ -106,10 +106,18 @@ def test_multi_view_transform_draws_every_view(image_folder):
 
 
 @pytest.mark.parametrize('use_prefetcher', [True, False])
-def test_streamed_loader_layout_is_split_major(wds_shards, use_prefetcher):
-    """timm's create_loader over the wds/ reader: [S * B] rows split-major, the targets repeated per view."""
+@pytest.mark.parametrize('kind', ['folder', 'wds', 'hfds'])
+def test_loader_layout_is_split_major(kind, use_prefetcher, digits8_folder, wds_shards, hf_shards, tmp_path):
+    """timm's create_loader over a map-style folder, the streamed wds/ reader and the map-style hfds/ reader, with
+    fast_collate (prefetcher) or collate_views: [S * B] rows split-major, the targets repeated per view."""
     batch_size = 5
-    ds = create_dataset('wds/digits', root=str(wds_shards), split='train', is_training=True, batch_size=batch_size)
+    if kind == 'folder':
+        ds = create_dataset('', root=str(digits8_folder), split='train')
+    elif kind == 'wds':
+        ds = create_dataset('wds/digits', root=str(wds_shards), split='train', is_training=True, batch_size=batch_size)
+    else:
+        _hf_readers_or_skip()
+        ds = create_dataset(f'hfds/{hf_shards}', root=str(tmp_path / 'cache'), split='train')
     loader = create_loader(
         ds, (3, 8, 8), batch_size, is_training=True, no_aug=True, use_prefetcher=use_prefetcher, device=CPU,
         num_workers=0, collate_fn=None if use_prefetcher else collate_views, mean=CIFAR10_MEAN, std=CIFAR10_STD,
@@ -123,6 +131,27 @@ def test_streamed_loader_layout_is_split_major(wds_shards, use_prefetcher):
     # call 2 * i + s made view s of sample i, and row i + s * B holds it
     expected = torch.tensor([2. * i + s for s in range(2) for i in range(batch_size)])
     torch.testing.assert_close(x[:, 0, 0, 0].float().round(), expected)
+
+
+@pytest.mark.slow
+def test_streamed_loader_workers_split_the_shards(wds_shards, digits8_folder):
+    """Two loader workers read two shards each: one epoch holds every sample once; the views, made in the workers,
+    differ per member."""
+    ds = create_dataset('wds/digits', root=str(wds_shards), split='train', is_training=True, batch_size=25)
+    loader = create_loader(ds, (3, 8, 8), 25, is_training=True, no_aug=True, use_prefetcher=False, device=CPU,
+                           num_workers=2, collate_fn=collate_views, persistent_workers=False)
+    assert len(loader) == 20
+    set_views_transform(loader.dataset, DECODE, num_views=2)  # no random op: the views identify the samples
+    set_data_epoch(loader.dataset, 0)
+    batches = list(loader)
+    assert len(batches) == 20 and all(x.shape == (50, 3, 8, 8) and x.dtype == torch.uint8 for x, _ in batches)
+    assert collections.Counter(_digest(img) for x, _ in batches for img in x[:25]) == _folder_digests(digits8_folder)
+    transform = create_train_transform((3, 8, 8), 'pad', padding=1, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    set_views_transform(loader.dataset, transform, num_views=2)
+    torch.manual_seed(0)  # the workers' seeds
+    x, y = next(iter(loader))
+    assert x.dtype == torch.float32 and torch.equal(y[:25], y[25:])
+    assert sum(torch.equal(x[i], x[25 + i]) for i in range(25)) <= 5  # 18 crop / flip draws: ~6 % coincide
 
 
 @pytest.mark.parametrize('kind', ['wds', 'hfids'])
@@ -174,6 +203,23 @@ def test_shards_hold_the_files(wds_shards, hf_shards, digits8_folder):
     assert len(classes) >= 8  # shuffled before sharding: a shard holds many classes, not one or two
     card = (hf_shards / 'README.md').read_text()
     assert 'num_examples: 500' in card and 'num_examples: 200' in card and 'class_label' in card
+
+
+def test_write_shards_script(digits8_folder, tmp_path):
+    """scripts/write_shards.py: one command from the folder to shards that timm's wds/ reader reads."""
+    spec = importlib.util.spec_from_file_location('splitnet_write_shards', ROOT / 'scripts' / 'write_shards.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / 'wds'
+    assert script.main(['--data-dir', str(digits8_folder), '--output', str(out), '--splits', 'validation',
+                        '--shard-size', '150']) == 0
+    info = json.loads((out / '_info.json').read_text())
+    assert info['splits']['validation']['shard_lengths'] == [150, 50]
+    ds = create_dataset('wds/digits', root=str(out), split='validation')
+    ds.transform = DECODE
+    assert collections.Counter(_digest(img) for img, _ in ds) == _folder_digests(digits8_folder, 'validation')
+    with pytest.raises(SystemExit, match='does not exist'):
+        script.main(['--data-dir', str(tmp_path / 'nowhere'), '--output', str(out)])
 
 
 def test_hf_parquet_shards_map_style_and_streamed(digits8_folder, tmp_path):
