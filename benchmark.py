@@ -499,7 +499,7 @@ def bench_data(args, device: torch.device, dataset_name: str = '', data_dir: str
     from timm.data import create_loader
     from timm_splitnet.data import (
         DeviceViewAugment, DeviceViewLoader, create_dataset, create_decode_transform, create_train_transform,
-        set_views_transform)
+        set_loader_workers, set_views_transform)
     views = args.views
     if views is None:
         parsed = parse_splitnet_name(args.model) if args.model else None
@@ -526,12 +526,14 @@ def bench_data(args, device: torch.device, dataset_name: str = '', data_dir: str
         raise CliError(f'--bench data needs {args.batch_size * num_batches} images (-b x iterations), '
                        f'{data_dir} has {len(dataset())}.')
     cpu_loader = create_loader(dataset(), use_prefetcher=True, **common)
+    set_loader_workers(cpu_loader.dataset, args.workers)
     set_views_transform(cpu_loader.dataset, create_train_transform(
         input_size, train_crop_mode=crop_mode, padding=max(1, size // 8), use_prefetcher=True, mean=mean, std=std),
         views)
     cpu_seconds, cpu_views = _time_loader(cpu_loader, device, args.num_warm_iter, args.num_bench_iter)
 
     plain = create_loader(dataset(), use_prefetcher=False, **common)
+    set_loader_workers(plain.dataset, args.workers)
     plain.dataset.transform = create_decode_transform(input_size, crop_mode)
     augment = DeviceViewAugment(views, input_size, crop_mode=crop_mode, padding=max(1, size // 8), mean=mean, std=std,
                                 seed=args.seed)

@@ -60,7 +60,7 @@ from timm_splitnet.cli import (
 from timm_splitnet.data import (
     ITERABLE_PREFIXES, DeviceViewAugment, DeviceViewLoader, collate_views, create_dataset, create_decode_transform,
     create_eval_transform, create_random_erasing, create_train_transform, dataset_prefix, is_iterable, set_data_epoch,
-    set_views_transform)
+    set_loader_workers, set_views_transform)
 from timm_splitnet.data.streaming import WDS_LAYOUT
 from timm_splitnet.loss import CoTrainingLoss
 from timm_splitnet.task import (
@@ -694,6 +694,7 @@ def _create_loaders(
         worker_seeding=args.worker_seeding,
         **dict(common, use_prefetcher=args.prefetcher and not args.views_on_device),
     )
+    set_loader_workers(loader_train.dataset, args.workers)  # streamed data: its length counts every reader
     transform_kwargs = dict(
         use_prefetcher=args.prefetcher, mean=data_config['mean'], std=data_config['std'])
     if args.views_on_device:  # uint8 images of a fixed size, no random op: the views are made on the device
@@ -737,6 +738,7 @@ def _create_loaders(
             interpolation=data_config['interpolation'],
             **common,
         )
+        set_loader_workers(loader_eval.dataset, args.workers)
         loader_eval.dataset.transform = create_eval_transform(
             input_size,
             train_crop_mode=crop_mode,

@@ -27,7 +27,7 @@ from timm.data import create_loader
 
 from timm_splitnet.data import (
     CIFAR10_MEAN, CIFAR10_STD, MultiViewTransform, collate_views, create_dataset, create_decode_transform,
-    create_train_transform, set_data_epoch, set_views_transform, write_hf_shards)
+    create_train_transform, set_data_epoch, set_loader_workers, set_views_transform, write_hf_shards)
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device('cpu')
@@ -122,6 +122,8 @@ def test_loader_layout_is_split_major(kind, use_prefetcher, digits8_folder, wds_
         ds, (3, 8, 8), batch_size, is_training=True, no_aug=True, use_prefetcher=use_prefetcher, device=CPU,
         num_workers=0, collate_fn=None if use_prefetcher else collate_views, mean=CIFAR10_MEAN, std=CIFAR10_STD,
         persistent_workers=False)
+    set_loader_workers(loader.dataset, 0)  # as train.py: the training process reads (timm < 1.0.31 counted none)
+    assert len(loader) == 100  # 500 images, batches of 5
     set_views_transform(loader.dataset, _CountingTransform(), num_views=2)  # after create_loader set its own
     x, y = next(iter(loader))
     assert x.shape == (2 * batch_size, 3, 8, 8) and y.shape == (2 * batch_size,)

@@ -7,7 +7,8 @@ from .device_views import DeviceViewAugment, DeviceViewLoader, create_decode_tra
 from .dataset import FOLDER_LAYOUT, DigitsDataset, SkipBadSamples, create_dataset
 from .shards import dataset_class_names, write_hf_shards, write_wds_shards
 from .streaming import (
-    ITERABLE_PREFIXES, check_reader_installed, dataset_prefix, is_iterable, scale_epoch_length, set_data_epoch)
+    ITERABLE_PREFIXES, check_reader_installed, dataset_prefix, is_iterable, scale_epoch_length, set_data_epoch,
+    set_loader_workers)
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,

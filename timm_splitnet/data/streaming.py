@@ -14,7 +14,7 @@ import torch.utils.data
 
 __all__ = [
     'ITERABLE_PREFIXES', 'READER_PACKAGES', 'check_reader_installed', 'check_shard_root', 'dataset_prefix',
-    'is_iterable', 'scale_epoch_length', 'set_data_epoch', 'WDS_LAYOUT',
+    'is_iterable', 'scale_epoch_length', 'set_data_epoch', 'set_loader_workers', 'WDS_LAYOUT',
 ]
 
 # data set prefix -> (modules to import, pip packages, extra of timm-splitnet that installs them or None)
@@ -102,6 +102,18 @@ def scale_epoch_length(dataset: Any, repeats: float) -> None:
     if not repeats or repeats <= 0 or not getattr(reader, 'num_samples', None):
         return
     reader.num_samples = max(1, int(math.ceil(reader.num_samples * repeats)))
+
+
+def set_loader_workers(dataset: Any, num_workers: int) -> None:
+    """Tell an iterable data set how many loader workers will read it, at least one (without workers the training
+    process reads), so that its length, and the loader's, count its samples.
+
+    Call it after ``timm.data.create_loader``, before the length is used. create_loader passes the worker count as it
+    is, which timm < 1.0.31 takes for zero readers: with ``--workers 0`` an epoch of a wds/ data set would have no
+    batches. Data sets without ``set_loader_cfg`` are left alone.
+    """
+    if hasattr(dataset, 'set_loader_cfg'):
+        dataset.set_loader_cfg(num_workers=max(1, int(num_workers)))
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
