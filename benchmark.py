@@ -120,7 +120,14 @@ parser.add_argument('--seed', default=42, type=int, help='random seed of weights
 parser.add_argument('--views', default=None, type=int, metavar='S',
                     help='--bench data: views per image (default: S of --model, else 2)')
 parser.add_argument('--data-dir', default='', type=str, metavar='DIR',
-                    help='--bench data: image folder (ImageNet layout, its train split; default: synthetic images)')
+                    help='--bench data: image folder (ImageNet layout, its train split; default: synthetic images), or '
+                         'the shards of a streamed --dataset')
+parser.add_argument('--dataset', default='', type=str, metavar='NAME',
+                    help='--bench data: what --data-dir holds, as train.py names it: "" (image folder), "wds/<name>", '
+                         '"hfids/<folder>", ... (default: "")')
+parser.add_argument('--compare-folder', default='', type=str, metavar='DIR',
+                    help='--bench data: also time this image folder with the same settings, in a row beside the '
+                         '--dataset row')
 parser.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='--bench data: loader processes')
 parser.add_argument('--plot', default='', type=str, metavar='FILE.png',
                     help='draw the latency comparison (undivided / sequential / concurrent) to this file')
@@ -657,14 +664,16 @@ def _time_loader(loader, device: torch.device, num_warm: int, num_bench: int) ->
     return time.perf_counter() - t0, views
 
 
-def bench_data(args, device: torch.device) -> Dict[str, Any]:
-    """Views/s of the two ways to feed S views per image: timm's loader over `MultiViewDataset` (every view
-    augmented on the CPU, normalised by the prefetcher) and `DeviceViewLoader` (decoded once on the CPU, the views
-    made on `device`). Both use `--workers` processes, batch `-b` images and the same crop / flip / erasing."""
+def bench_data(args, device: torch.device, dataset_name: str = '', data_dir: str = '') -> Dict[str, Any]:
+    """Views/s of the two ways to feed S views per image: timm's loader with the views made by the data set's
+    transform (`MultiViewTransform`: every view augmented on the CPU, normalised by the prefetcher) and
+    `DeviceViewLoader` (decoded once on the CPU, the views made on `device`). Both use `--workers` processes, batch
+    `-b` images and the same crop / flip / erasing. The images are those of `data_dir` read as `dataset_name` (an
+    image folder, or streamed shards such as wds/...), or synthetic ones."""
     from timm.data import create_loader
     from timm_splitnet.data import (
-        DeviceViewAugment, DeviceViewLoader, MultiViewDataset, create_dataset, create_decode_transform,
-        create_train_transform)
+        DeviceViewAugment, DeviceViewLoader, create_dataset, create_decode_transform, create_train_transform,
+        set_loader_workers, set_views_transform)
     views = args.views
     if views is None:
         parsed = parse_splitnet_name(args.model) if args.model else None
@@ -676,8 +685,12 @@ def bench_data(args, device: torch.device) -> Dict[str, Any]:
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
     def dataset():
-        if args.data_dir:
-            return create_dataset('', root=args.data_dir, split='train', is_training=True)
+        if data_dir:
+            try:
+                return create_dataset(dataset_name, root=data_dir, split='train', is_training=True,
+                                      batch_size=args.batch_size, seed=args.seed)
+            except (OSError, RuntimeError, ValueError, ImportError) as e:
+                raise CliError(f'cannot read --dataset {dataset_name!r} in {data_dir}: {e}') from e
         return _SyntheticImages(args.batch_size * num_batches, size if crop_mode == 'pad' else size * 8 // 7)
 
     common = dict(batch_size=args.batch_size, is_training=True, no_aug=True, num_workers=args.workers,
@@ -685,13 +698,16 @@ def bench_data(args, device: torch.device) -> Dict[str, Any]:
                   persistent_workers=False)
     if len(dataset()) < args.batch_size * num_batches:
         raise CliError(f'--bench data needs {args.batch_size * num_batches} images (-b x iterations), '
-                       f'--data-dir {args.data_dir} has {len(dataset())}.')
-    cpu_loader = create_loader(MultiViewDataset(dataset(), views), use_prefetcher=True, **common)
-    cpu_loader.dataset.transform = create_train_transform(
-        input_size, train_crop_mode=crop_mode, padding=max(1, size // 8), use_prefetcher=True, mean=mean, std=std)
+                       f'{data_dir} has {len(dataset())}.')
+    cpu_loader = create_loader(dataset(), use_prefetcher=True, **common)
+    set_loader_workers(cpu_loader.dataset, args.workers)
+    set_views_transform(cpu_loader.dataset, create_train_transform(
+        input_size, train_crop_mode=crop_mode, padding=max(1, size // 8), use_prefetcher=True, mean=mean, std=std),
+        views)
     cpu_seconds, cpu_views = _time_loader(cpu_loader, device, args.num_warm_iter, args.num_bench_iter)
 
     plain = create_loader(dataset(), use_prefetcher=False, **common)
+    set_loader_workers(plain.dataset, args.workers)
     plain.dataset.transform = create_decode_transform(input_size, crop_mode)
     augment = DeviceViewAugment(views, input_size, crop_mode=crop_mode, padding=max(1, size // 8), mean=mean, std=std,
                                 seed=args.seed)
@@ -699,19 +715,20 @@ def bench_data(args, device: torch.device) -> Dict[str, Any]:
         DeviceViewLoader(plain, augment, device), device, args.num_warm_iter, args.num_bench_iter)
     return OrderedDict(
         bench='data', views=views, img_size=size, crop_mode=crop_mode, batch_size=args.batch_size,
-        workers=args.workers, device=str(device), data=args.data_dir or 'synthetic',
+        workers=args.workers, device=str(device), dataset=dataset_name or ('folder' if data_dir else 'synthetic'),
+        data=data_dir or 'synthetic',
         cpu_views_per_sec=round(cpu_views / cpu_seconds, 1), device_views_per_sec=round(dev_views / dev_seconds, 1),
         speedup=round(cpu_seconds / cpu_views * dev_views / dev_seconds, 3))
 
 
 def format_data_rows(rows: List[Dict[str, Any]]) -> str:
     """The table of `--bench data` rows."""
-    lines = [f'{"S":>3} {"img":>5} {"crop":>5} {"batch":>6} {"workers":>8} {"CPU views/s":>13} '
+    lines = [f'{"data":<16} {"S":>3} {"img":>5} {"crop":>5} {"batch":>6} {"workers":>8} {"CPU views/s":>13} '
              f'{"device views/s":>15} {"speedup":>8}  device']
     for r in rows:
-        lines.append(f'{r["views"]:>3} {r["img_size"]:>5} {r["crop_mode"]:>5} {r["batch_size"]:>6} {r["workers"]:>8} '
-                     f'{r["cpu_views_per_sec"]:>13.1f} {r["device_views_per_sec"]:>15.1f} {r["speedup"]:>8.2f}  '
-                     f'{r["device"]}')
+        lines.append(f'{r.get("dataset", ""):<16} {r["views"]:>3} {r["img_size"]:>5} {r["crop_mode"]:>5} '
+                     f'{r["batch_size"]:>6} {r["workers"]:>8} {r["cpu_views_per_sec"]:>13.1f} '
+                     f'{r["device_views_per_sec"]:>15.1f} {r["speedup"]:>8.2f}  {r["device"]}')
     return '\n'.join(lines)
 
 
@@ -819,7 +836,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
     if args.bench == 'data':
         with cli_session('benchmark.py'):
             device = resolve_device_checked(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-            rows = [bench_data(args, device)]
+            rows = [bench_data(args, device, args.dataset, args.data_dir)]
+            if args.compare_folder:
+                rows.append(bench_data(args, device, '', args.compare_folder))
         print_results(rows, args, table=format_data_rows(rows))
         return rows
     with cli_session('benchmark.py', args.member_parallel) as rank:

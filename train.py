@@ -59,10 +59,12 @@ from timm_splitnet.cli import (
     check_torchrun_env, cli_errors, create_model_checked, resolve_amp_dtype, resolve_data_dir, setup_logging,
     torchrun_rank)
 from timm_splitnet.data import (
-    DeviceViewAugment, DeviceViewLoader, MultiViewDataset, collate_views, create_dataset, create_decode_transform,
-    create_eval_transform, create_random_erasing, create_train_transform)
+    ITERABLE_PREFIXES, DeviceViewAugment, DeviceViewLoader, collate_views, create_dataset, create_decode_transform,
+    create_eval_transform, create_random_erasing, create_train_transform, dataset_prefix, is_iterable, set_data_epoch,
+    set_loader_workers, set_views_transform)
 from timm_splitnet.data.resumable import (
     describe_worker_failure, loader_position_state, make_resumable, restore_loader_position)
+from timm_splitnet.data.streaming import WDS_LAYOUT
 from timm_splitnet.loss import CoTrainingLoss
 from timm_splitnet.task import (
     CoTrainingTask, DataParallelTraining, EpochProgress, MemberParallelTraining, NonFiniteLoss, is_splitnet,
@@ -91,7 +93,7 @@ config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE
 # timm's train.py options that have no counterpart here: accepted as keys of a -c file (reported in one warning),
 # never on the command line
 TIMM_ONLY_KEYS = (
-    'train_num_samples', 'val_num_samples', 'input_img_mode', 'input_key', 'target_key', 'dataset_trust_remote_code',
+    'input_img_mode', 'input_key', 'target_key', 'dataset_trust_remote_code',
     'amp_impl', 'tta', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'opt_foreach',
     'lr_decay_fn', 'lr_stable_timescale', 'sched_res_schedule', 'naflex_loader', 'naflex_train_seq_lens',
     'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs', 'naflex_loss_scale', 'kd_model_name',
@@ -132,12 +134,19 @@ def create_parser() -> argparse.ArgumentParser:
                        help='data folder: <dir>/train/<class>/*.jpg and <dir>/validation/... (the ImageNet layout)')
     group.add_argument('--dataset', metavar='NAME', default='',
                        help='"<type>/<name>": "" for an image folder (default), "torch/cifar10", "torch/cifar100", '
-                            '"sklearn/digits" (ships with scikit-learn, needs no folder)')
+                            '"sklearn/digits" (ships with scikit-learn, needs no folder), or streamed from shards: '
+                            '"wds/<name>" (webdataset tars in --data-dir), "hfids/<hub id or folder>" (Hugging Face, '
+                            'streamed; "hfds/..." reads it map-style), "tfds/<name>"')
     group.add_argument('--train-split', metavar='NAME', default='train', help='split to train on (default: train)')
     group.add_argument('--val-split', metavar='NAME', default='validation',
                        help='split evaluated after every epoch (default: validation; "" for none)')
     group.add_argument('--dataset-download', action='store_true', default=False,
                        help='let torch/ and tfds/ data sets download themselves into the data folder')
+    group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                       help='streamed data sets (wds/, hfids/, tfds/): training samples per epoch, all processes '
+                            'together (default: the count the shards record)')
+    group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                       help='streamed data sets: samples of the evaluation split (default: the recorded count)')
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
                        help='class name -> index: a .txt with one name per line in index order, or a pickled dict '
                             '(.pkl) (default: the sorted folder names)')
@@ -329,7 +338,8 @@ def create_parser() -> argparse.ArgumentParser:
                        help='LR the schedule ends at (default: 1e-4)')
     group.add_argument('--epochs', type=int, default=300, metavar='N', help='run length in epochs (default: 300)')
     group.add_argument('--epoch-repeats', type=float, default=0., metavar='N',
-                       help='run through the training set this many times per epoch (default: 0 = once)')
+                       help='streamed data sets (wds/, hfids/): an epoch is this many times the training samples, '
+                            'e.g. 2 or 0.5 (default: 0 = once)')
     group.add_argument('--start-epoch', default=None, type=int, metavar='N',
                        help='number the first epoch N (with --resume: instead of the checkpoint\'s next epoch)')
     group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
@@ -561,6 +571,9 @@ def _dataset_classes(dataset) -> Optional[int]:
         class_to_idx = getattr(reader, 'class_to_idx', None)
         if class_to_idx:
             return len(class_to_idx)
+        info = getattr(reader, 'info', None)  # wds/: _info.json (timm_splitnet.data.write_wds_shards records it)
+        if isinstance(info, dict) and info.get('num_classes'):
+            return int(info['num_classes'])
         dataset = getattr(dataset, 'dataset', None)
     return None
 
@@ -576,29 +589,41 @@ def _bad_samples(dataset) -> Optional[int]:
 
 def _create_datasets(args):
     digits = args.dataset.lower() == 'sklearn/digits'
-    if not digits and not args.data_dir:
-        raise CliError(f'--dataset {args.dataset!r} needs --data-dir (the image folder root, or the download root of '
-                       f'torch/ datasets); only sklearn/digits comes without one.')
-    kwargs = dict(download=args.dataset_download)
+    prefix = dataset_prefix(args.dataset)
+    if not digits and not args.data_dir and prefix not in ('hfds', 'hfids'):  # Hugging Face has a default cache
+        raise CliError(f'--dataset {args.dataset!r} needs --data-dir (the image folder root, the shard folder of wds/ '
+                       f'data sets, or the download root of torch/ datasets); only sklearn/digits comes without one.')
+    kwargs = dict(download=args.dataset_download, seed=args.seed)
     if args.class_map:
         kwargs['class_map'] = args.class_map
     if digits:
         kwargs = dict(img_size=args.input_size[-1] if args.input_size else (args.img_size or 32))
+    streamed = prefix in ITERABLE_PREFIXES
     datasets = []
     for split, is_training in ((args.train_split, True), (args.val_split, False)):
         if not split:
             datasets.append(None)
             continue
+        num_samples = args.train_num_samples if is_training else args.val_num_samples
         try:
             repeats = dict(repeats=args.epoch_repeats) if is_training and args.epoch_repeats and not digits else {}
+            counts = dict(num_samples=num_samples) if streamed and num_samples else {}
             datasets.append(create_dataset(
                 args.dataset, root=args.data_dir, split=split, is_training=is_training,
-                batch_size=args.batch_size, **kwargs, **repeats))
+                batch_size=args.batch_size, **kwargs, **repeats, **counts))
         except (OSError, RuntimeError, ValueError, TypeError, ImportError, AssertionError) as e:
             where = f' in --data-dir {args.data_dir}' if args.data_dir else ''
-            raise CliError(f'cannot load the {split!r} split of --dataset {args.dataset!r}{where}: {e}') from e
+            hint = f' (expected {WDS_LAYOUT})' if prefix == 'wds' and not isinstance(e, ImportError) else ''
+            raise CliError(f'cannot load the {split!r} split of --dataset {args.dataset!r}{where}: {e}{hint}') from e
         if len(datasets[-1]) == 0:
+            if streamed:
+                flag = '--train-num-samples' if is_training else '--val-num-samples'
+                raise CliError(f'the {split!r} split of --dataset {args.dataset!r} records no sample count; give it '
+                               f'with {flag}.')
             raise CliError(f'the {split!r} split of --dataset {args.dataset!r} is empty.')
+    if args.epoch_repeats and not streamed:
+        _logger.warning(f'--epoch-repeats {args.epoch_repeats:g} applies to streamed data sets (wds/, hfids/) only; '
+                        f'an epoch of --dataset {args.dataset!r} is one pass over its images.')
     return datasets
 
 
@@ -671,6 +696,8 @@ def _create_loaders(
     train_interpolation = args.train_interpolation or data_config['interpolation']
     if args.views_on_device:
         _check_views_on_device(args, crop_mode)
+    if is_iterable(dataset_train):
+        _check_streamed(args)
     dataset_train = parallel.train_dataset(dataset_train, 1 if args.views_on_device else num_views)
     common = dict(
         input_size=input_size,
@@ -689,19 +716,20 @@ def _create_loaders(
         batch_size=args.batch_size,
         is_training=True,
         no_aug=True,
-        collate_fn=collate_views if isinstance(dataset_train, MultiViewDataset) and not args.prefetcher else None,
+        collate_fn=None if args.prefetcher and not args.views_on_device else collate_views,  # S views: split-major
         persistent_workers=False,  # fresh workers every epoch: seeded from the (checkpointed) torch RNG
         num_aug_repeats=int(args.aug_repeats) if args.aug_repeats else 0,
         use_multi_epochs_loader=args.use_multi_epochs_loader,
         worker_seeding=args.worker_seeding,
         **dict(common, use_prefetcher=args.prefetcher and not args.views_on_device),
     )
+    set_loader_workers(loader_train.dataset, args.workers)  # streamed data: its length counts every reader
     transform_kwargs = dict(
         use_prefetcher=args.prefetcher, mean=data_config['mean'], std=data_config['std'])
     if args.views_on_device:  # uint8 images of a fixed size, no random op: the views are made on the device
         loader_train.dataset.transform = create_decode_transform(input_size, crop_mode)
-    else:
-        loader_train.dataset.transform = create_train_transform(
+    else:  # the full transform run once per view where the data set applies it (map-style and streamed alike)
+        train_transform = create_train_transform(
             input_size,
             train_crop_mode=crop_mode,
             padding=max(1, input_size[-1] // 8),  # 'pad' mode: 4 px at 32 px, as CIFAR
@@ -719,6 +747,7 @@ def _create_loaders(
                if getattr(args, k) is not None},
             **transform_kwargs,
         )
+        set_views_transform(loader_train.dataset, train_transform, num_views)
     if args.prefetcher and args.reprob > 0 and not args.views_on_device:
         # erasing runs per row of the [S * B] batch: every view gets its own box
         if crop_mode == 'pad':
@@ -738,6 +767,7 @@ def _create_loaders(
             interpolation=data_config['interpolation'],
             **common,
         )
+        set_loader_workers(loader_eval.dataset, args.workers)
         loader_eval.dataset.transform = create_eval_transform(
             input_size,
             train_crop_mode=crop_mode,
@@ -755,6 +785,17 @@ def _create_loaders(
             re_count=args.recount, mean=data_config['mean'], std=data_config['std'], seed=args.seed)
         loader_train = DeviceViewLoader(loader_train, augment, device, rank=args.rank)
     return loader_train, loader_eval, crop_mode
+
+
+def _check_streamed(args) -> None:
+    """Refuse what a streamed (iterable) training set cannot do: it has no indices for a sampler."""
+    refused = dict(aug_repeats='--aug-repeats (its sampler repeats indices)',
+                   use_multi_epochs_loader='--use-multi-epochs-loader (it wraps a sampler)',
+                   member_parallel='--member-parallel (its views are seeded by sample index)')
+    for dest, what in refused.items():
+        if getattr(args, dest):
+            raise CliError(f'--dataset {args.dataset} is streamed (no random access), which rules out {what}; use '
+                           f'a map-style data set (an image folder, or hfds/ instead of hfids/).')
 
 
 def _check_views_on_device(args, crop_mode: str) -> None:
@@ -1032,6 +1073,7 @@ def _train(argv, cleanup: ExitStack) -> int:
             loader_train.sampler.set_epoch(epoch)
         if hasattr(loader_train, 'set_epoch'):  # --views-on-device: the views' generator
             loader_train.set_epoch(epoch)
+        set_data_epoch(loader_train.dataset, epoch)  # streamed data: the shard order of (seed, epoch)
         task.set_epoch(epoch)
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False

@@ -8,6 +8,10 @@ are those of :class:`timm_splitnet.data.DigitsDataset` (the README demo's data s
 digits upscaled bicubically to 32x32). The last training image of every class is written as a grayscale (mode L)
 JPEG, so the folder readers' conversion to RGB is exercised; tests that need corrupt, truncated or zero-byte files
 copy the folder and add them.
+
+``digits8_folder``: the same kind of folder with digits at their native 8x8 pixels, 50 training and 20 validation
+images per class; ``wds_shards`` and ``hf_shards``: its files as webdataset shards and as a Hugging Face data set
+folder, written by ``timm_splitnet.data.write_wds_shards`` / ``write_hf_shards`` (tests/test_streaming.py).
 """
 import os
 from pathlib import Path
@@ -67,3 +71,46 @@ def _torch_threads():
         os.environ.pop('OMP_NUM_THREADS', None)
     else:
         os.environ['OMP_NUM_THREADS'] = omp
+
+
+
+# the streamed data sets of tests/test_streaming.py: digits at their native 8x8 pixels (the README demo's size), so
+# that a co-training run learns in a few seconds
+DIGITS8_TRAIN_PER_CLASS = 50
+DIGITS8_VAL_PER_CLASS = 20
+STREAM_TRAIN_SHARD = 125  # 4 training shards: 2 per rank of a 2-process run
+STREAM_VAL_SHARD = 100  # 2 validation shards
+
+
+@pytest.fixture(scope='session')
+def digits8_folder(tmp_path_factory) -> Path:
+    """A folder data set of 8x8 digits (ImageNet layout): 500 training and 200 validation JPEGs."""
+    root = tmp_path_factory.mktemp('digits8_folder')
+    return build_digits_folder(root, DIGITS8_TRAIN_PER_CLASS, DIGITS8_VAL_PER_CLASS, img_size=8)
+
+
+def _write_shards(folder: Path, root: Path, write, **kwargs) -> Path:
+    from timm_splitnet.data import create_dataset
+    for split, size in (('train', STREAM_TRAIN_SHARD), ('validation', STREAM_VAL_SHARD)):
+        write(create_dataset('', root=str(folder), split=split), str(root), split, shard_size=size, **kwargs)
+    return root
+
+
+@pytest.fixture(scope='session')
+def wds_shards(digits8_folder, tmp_path_factory) -> Path:
+    """The ``digits8_folder`` images as webdataset shards (``--dataset wds/digits``): ``train-0000[0-3].tar`` of 125
+    samples (the JPEG files themselves, shuffled before sharding), ``validation-0000[01].tar`` and ``_info.json``."""
+    pytest.importorskip('webdataset')
+    from timm_splitnet.data import write_wds_shards
+    return _write_shards(digits8_folder, tmp_path_factory.mktemp('digits8_wds'), write_wds_shards)
+
+
+@pytest.fixture(scope='session')
+def hf_shards(digits8_folder, tmp_path_factory) -> Path:
+    """The ``digits8_folder`` images as a Hugging Face data set folder (``--dataset hfids/<folder>`` or
+    ``hfds/<folder>``): ``data/train-0000[0-3]-of-00004.arrow``, ``data/validation-...`` and the ``README.md`` card.
+
+    Arrow files rather than parquet: datasets 5 pauses 5 s after every shuffled pass over parquet shards."""
+    pytest.importorskip('datasets')
+    from timm_splitnet.data import write_hf_shards
+    return _write_shards(digits8_folder, tmp_path_factory.mktemp('digits8_hf'), write_hf_shards, file_format='arrow')

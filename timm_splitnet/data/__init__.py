@@ -1,10 +1,14 @@
-""" Data of timm_splitnet: multi-view loading, CIFAR / ImageNet transforms and data sets
+""" Data of timm_splitnet: multi-view loading, CIFAR / ImageNet transforms, data sets (folders and streaming readers)
 
 Importing this package changes nothing in timm (the posterize fix is applied to each transform built here).
 See docs/data.md.
 """
 from .device_views import DeviceViewAugment, DeviceViewLoader, create_decode_transform, device_view_seed
 from .dataset import FOLDER_LAYOUT, DigitsDataset, SkipBadSamples, create_dataset
+from .shards import dataset_class_names, write_hf_shards, write_wds_shards
+from .streaming import (
+    ITERABLE_PREFIXES, check_reader_installed, dataset_prefix, is_iterable, scale_epoch_length, set_data_epoch,
+    set_loader_workers)
 from .transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -24,6 +28,8 @@ from .transforms import (
 )
 from .views import (
     MultiViewDataset,
+    MultiViewTransform,
+    set_views_transform,
     channels_to_views,
     collate_views,
     mixup_split_batch,

@@ -17,6 +17,8 @@ from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.data.readers.reader_image_in_tar import ReaderImageInTar
 from timm.data.readers.img_extensions import get_img_extensions
 
+from .streaming import check_reader_installed, check_shard_root, scale_epoch_length
+
 __all__ = ['create_dataset', 'DigitsDataset', 'SkipBadSamples', 'FOLDER_LAYOUT']
 
 _logger = logging.getLogger(__name__)
@@ -297,7 +299,13 @@ def create_dataset(
         skip_bad_samples: Wrap local folder / tar data sets in :class:`SkipBadSamples`.
         max_bad_fraction: Largest tolerated fraction of unreadable images (see :class:`SkipBadSamples`).
         **kwargs: Passed to ``timm.data.create_dataset`` (class_map, is_training, input_img_mode, ...); digits uses
-            ``input_img_mode``, ``val_fraction``, ``split_seed`` and ``img_size`` and ignores the rest.
+            ``input_img_mode``, ``val_fraction``, ``split_seed`` and ``img_size`` and ignores the rest. For the
+            iterable wds/ and hfids/ readers, ``num_samples`` sets the samples of an epoch (default: the data set's
+            count) and ``repeats`` multiplies it (:func:`~timm_splitnet.data.streaming.scale_epoch_length`).
+
+    Raises:
+        ImportError: The reader of `name` needs a package that is not installed (the message names the extra).
+        FileNotFoundError: A missing folder / shard folder, or a folder without images.
 
     Returns:
         The data set; its ``transform`` attribute is set by ``timm.data.create_loader``.
@@ -316,7 +324,14 @@ def create_dataset(
     if is_folder:
         root = _resolve_folder_root(root, split, search_split)
         search_split = False  # resolved above
+    check_reader_installed(name)
+    if prefix == 'wds':
+        check_shard_root(name, root)
+    repeats = 0
+    if prefix in ('wds', 'hfids'):  # the epoch length is scaled here, alike for both (see scale_epoch_length)
+        repeats = kwargs.pop('repeats', 0) or 0
     dataset = timm_create_dataset(name, root=root, split=split, search_split=search_split, **kwargs)
+    scale_epoch_length(dataset, repeats)
     if (
             skip_bad_samples
             and isinstance(dataset, ImageDataset)

@@ -52,8 +52,8 @@ class DeviceViewAugment:
 
     ``augment(images)`` takes ``[B, C, H0, W0]`` (uint8, or float in 0..255) and returns normalised float32 views
     ``[S * B, C, H, W]``, split-major (row ``i + s * B`` is view s of sample i), as timm's ``fast_collate`` stacks a
-    :class:`MultiViewDataset` batch. ``sample_params`` / ``apply`` split the draws from the pixel work (tests check
-    the draws' distributions).
+    batch of :class:`MultiViewTransform` views. ``sample_params`` / ``apply`` split the draws from the pixel work
+    (tests check the draws' distributions).
 
     * 'pad': crop offsets uniform over the zero-padded image (``RandomCrop(size, padding)``, padding in black);
     * 'rrc': timm's / torchvision's ``RandomResizedCrop`` box (area in ``scale``, log-uniform aspect in ``ratio``,

@@ -1,7 +1,10 @@
 """ Multi-view data for SplitNet co-training
 
-:class:`MultiViewDataset` gives each of the S members its own augmented view of every image (paper §3.3); batches are
-stacked split-major ``[S * B, C, H, W]``, and :func:`mixup_views` mixes all views of a sample alike. See docs/data.md.
+:class:`MultiViewTransform` gives each of the S members its own augmented view of every image (paper §3.3): set as the
+``transform`` of any data set timm's ``create_dataset`` returns (image folders, torch/, hfds/, and the streaming wds/,
+hfids/, tfds/ readers), it turns a sample into ``(views, target)``. Batches are stacked split-major ``[S * B, C, H, W]``
+(timm's ``fast_collate`` or :func:`collate_views`), and :func:`mixup_views` mixes all views of a sample alike. See
+docs/data.md.
 """
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -12,24 +15,88 @@ from torch.utils.data import default_collate
 from timm.data.mixup import mixup_target
 
 __all__ = [
-    'MultiViewDataset', 'collate_views', 'views_to_channels', 'channels_to_views', 'mixup_views',
-    'mixup_split_batch',
+    'MultiViewTransform', 'MultiViewDataset', 'set_views_transform', 'collate_views', 'views_to_channels',
+    'channels_to_views', 'mixup_views', 'mixup_split_batch',
 ]
 
 
+class MultiViewTransform:
+    """The S views of one image: the full transform run S times, each run with its own random draws.
+
+    Every view goes through the whole pipeline (crop, flip, auto-augment, tensor conversion, normalization and erasing
+    where the pipeline has them); no view is left "clean", unlike timm's AugMix splits. Because the views are made
+    where the data set applies its ``transform``, this works the same for map-style data sets and for iterable
+    readers, whose transform runs inside their reader loop (in the loader workers).
+
+    The result is a tuple of S views. timm's ``fast_collate`` (prefetcher on; the transform must then end in a uint8
+    tensor) flattens a batch of such tuples split-major into ``[S * B, C, H, W]`` with the targets repeated to
+    ``[S * B]``; without the prefetcher use :func:`collate_views`, which gives the same layout.
+    """
+
+    def __init__(self, transform: Optional[Callable], num_views: int = 2, same_view: bool = False):
+        """
+        Args:
+            transform: One full transform of an image (None: the image itself, S times).
+            num_views: Number of views S (one per member); 1 gives 1-tuples.
+            same_view: Run the transform once and repeat its output S times (the ablation of Table 5).
+
+        Raises:
+            TypeError: A tuple / list of split transforms (``create_loader(num_aug_splits > 0)``, for AugMix).
+            ValueError: Fewer than one view.
+        """
+        if isinstance(transform, (tuple, list)):
+            raise TypeError(
+                'MultiViewTransform takes one full transform; got a tuple of split transforms '
+                '(create_loader(num_aug_splits>0) is for AugMixDataset, keep num_aug_splits=0).')
+        if num_views < 1:
+            raise ValueError(f'num_views must be >= 1, got {num_views}.')
+        self.transform = transform
+        self.num_views = int(num_views)
+        self.same_view = bool(same_view)
+
+    def __call__(self, img: Any) -> Tuple[Any, ...]:
+        if self.transform is None:
+            return (img,) * self.num_views
+        if self.same_view:
+            return (self.transform(img),) * self.num_views
+        return tuple(self.transform(img) for _ in range(self.num_views))
+
+    def __repr__(self) -> str:
+        return (f'{self.__class__.__name__}(num_views={self.num_views}, same_view={self.same_view}, '
+                f'transform={self.transform!r})')
+
+
+def set_views_transform(
+        dataset: Any,
+        transform: Optional[Callable],
+        num_views: int,
+        same_view: bool = False,
+) -> None:
+    """Make `dataset` return `num_views` views of every sample, each drawn by `transform`.
+
+    A data set that makes its views itself (a :class:`MultiViewDataset`, e.g. the member-parallel
+    ``MemberViewDataset``) just gets `transform`; any other data set gets a :class:`MultiViewTransform` around it, or
+    `transform` as it is for a single view. Call it after ``timm.data.create_loader`` (which sets a transform of its
+    own) and before the first iteration of the loader.
+    """
+    if isinstance(dataset, MultiViewDataset):
+        dataset.transform = transform
+    elif num_views > 1 or same_view:
+        dataset.transform = MultiViewTransform(transform, num_views, same_view)
+    else:
+        dataset.transform = transform
+
+
 class MultiViewDataset(torch.utils.data.Dataset):
-    """Dataset wrapper returning ``num_views`` independently augmented views of each sample.
+    """A map-style data set wrapped to return ``num_views`` views of each sample: a :class:`MultiViewTransform` applied
+    outside the wrapped data set.
 
-    Modeled on timm's ``AugMixDataset``, but every view runs the *full* transform (crop, flip, auto-augment,
-    normalization, erasing) with its own random draws, and no view is left "clean". The wrapped dataset must
-    return ``(image, target)`` with an untransformed image (e.g. a PIL image): the ``transform`` setter, which
-    ``timm.data.create_loader`` calls with its single composed transform (keep ``num_aug_splits=0``), stores the
-    transform here and sets the wrapped dataset's transform to None. Setting ``transform`` again later (e.g. a
-    CIFAR transform replacing the one ``create_loader`` built, before iterating the loader) works the same way.
+    The wrapped data set must return ``(image, target)`` with an untransformed image: the ``transform`` setter (which
+    ``timm.data.create_loader`` calls with its single composed transform; keep ``num_aug_splits=0``) puts the
+    transform into this wrapper's :class:`MultiViewTransform` and sets the wrapped data set's transform to None. For
+    iterable data sets set a :class:`MultiViewTransform` as their transform instead (:func:`set_views_transform`).
 
-    Samples are ``(tuple_of_views, target)``, which timm's ``fast_collate`` flattens split-major into
-    ``[S * B, C, H, W]`` with targets repeated to ``[S * B]``; use :func:`collate_views` without the prefetcher.
-    Map-style datasets only (iterable readers apply their transform inside the reader loop).
+    Samples are ``(tuple_of_views, target)``, collated split-major as described for :class:`MultiViewTransform`.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, num_views: int = 2, same_view: bool = False):
@@ -39,37 +106,31 @@ class MultiViewDataset(torch.utils.data.Dataset):
             num_views: Number of views S (one per member); 1 is allowed and yields 1-tuples.
             same_view: Run the transform once and repeat the view S times (ablation of different views, Table 5).
         """
-        if num_views < 1:
-            raise ValueError(f'num_views must be >= 1, got {num_views}.')
         self.dataset = dataset
-        self.num_views = num_views
-        self.same_view = same_view
-        self._transform = None
+        self.views = MultiViewTransform(None, num_views, same_view)
         if getattr(dataset, 'transform', None) is not None:
             self.transform = dataset.transform
 
     @property
+    def num_views(self) -> int:
+        return self.views.num_views
+
+    @property
+    def same_view(self) -> bool:
+        return self.views.same_view
+
+    @property
     def transform(self) -> Optional[Callable]:
-        return self._transform
+        return self.views.transform
 
     @transform.setter
     def transform(self, transform: Optional[Callable]):
-        if isinstance(transform, (tuple, list)):
-            raise TypeError(
-                'MultiViewDataset takes one full transform; got a tuple of split transforms '
-                '(create_loader(num_aug_splits>0) is for AugMixDataset, keep num_aug_splits=0).')
-        self._transform = transform
+        self.views = MultiViewTransform(transform, self.num_views, self.same_view)
         self.dataset.transform = None  # the wrapped dataset returns the raw image, every view is transformed here
 
     def __getitem__(self, index: int) -> Tuple[Tuple[Any, ...], Any]:
         img, target = self.dataset[index][:2]
-        if self._transform is None:
-            views = (img,) * self.num_views
-        elif self.same_view:
-            views = (self._transform(img),) * self.num_views
-        else:
-            views = tuple(self._transform(img) for _ in range(self.num_views))
-        return views, target
+        return self.views(img), target
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -81,7 +142,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
 
 def collate_views(batch: List[Tuple[Any, Any]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Collate function for :class:`MultiViewDataset` without timm's prefetcher.
+    """Collate function for samples of S views (:class:`MultiViewTransform`) without timm's prefetcher.
 
     Gives the same layout as ``timm.data.fast_collate`` (but keeps the transform's dtype, e.g. normalized float):
     images ``[S * B, C, H, W]`` split-major (row ``i + s * B`` is view s of sample i) and targets repeated S times

@@ -18,7 +18,6 @@ import torch.utils.data
 from timm.layers import convert_sync_batchnorm
 from timm.utils import NativeScaler, distribute_bn, init_distributed_device, is_distributed_env, world_info_from_env
 
-from ..data import MultiViewDataset
 from ..loss import CoTrainingLoss
 from ..models import SplitNet
 from ..parallel.member_parallel import (
@@ -142,8 +141,9 @@ class DataParallelTraining:
     # ----- data -----
 
     def train_dataset(self, dataset: torch.utils.data.Dataset, num_views: int) -> torch.utils.data.Dataset:
-        """The training dataset with `num_views` views per sample (S, or 1 for one view shared by the members)."""
-        return MultiViewDataset(dataset, num_views) if num_views > 1 else dataset
+        """The training data set as this mode loads it: unchanged, map-style or streamed (its `num_views` views come
+        from its transform, `timm_splitnet.data.set_views_transform`)."""
+        return dataset
 
     @property
     def sampler_distributed(self) -> bool:
@@ -271,6 +271,9 @@ class MemberParallelTraining(DataParallelTraining):
     def train_dataset(self, dataset: torch.utils.data.Dataset, num_views: int) -> torch.utils.data.Dataset:
         """The views of this rank's members (one shared view when `num_views` is 1), seeded per (sample, member):
         member i's view does not depend on the rank that draws it."""
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            raise ValueError('member-parallel training seeds every view by its sample index, which a streamed '
+                             '(iterable) data set does not have: use a map-style data set.')
         plan = self._plan()
         return MemberViewDataset(dataset, plan.members, seed=self.seed, same_view=num_views == 1)
 

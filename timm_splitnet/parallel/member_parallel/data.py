@@ -88,10 +88,9 @@ class MemberViewDataset(MultiViewDataset):
         members = tuple(int(m) for m in members)
         if not members:
             raise ValueError('MemberViewDataset needs at least one member.')
-        super().__init__(dataset, num_views=1 if same_view else len(members))
+        super().__init__(dataset, num_views=1 if same_view else len(members), same_view=same_view)
         self.members = members
         self.seed = int(seed)
-        self.same_view = same_view
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -101,7 +100,7 @@ class MemberViewDataset(MultiViewDataset):
         """The view of `member` (-1: the shared view) of sample `index`, drawn from its own seeded RNGs."""
         epoch = self.epoch if epoch is None else epoch
         with _seeded_rngs(_view_seed(self.seed, epoch, index, member)):
-            return self._transform(img)
+            return self.transform(img)
 
     def __getitem__(self, key: Union[int, ViewKey, Tuple[int, int]]) -> Tuple[Tuple[Any, ...], Any]:
         if isinstance(key, tuple):
@@ -110,7 +109,7 @@ class MemberViewDataset(MultiViewDataset):
             index, epoch = int(key), self.epoch
         img, target = self.dataset[index][:2]
         members = (-1,) if self.same_view else self.members
-        if self._transform is None:
+        if self.transform is None:
             views = (img,) * len(members)
         else:
             views = tuple(self.view(img, index, m, epoch) for m in members)
