@@ -74,8 +74,10 @@ def test_concurrent_members_grad_and_autocast():
 
 def test_parse_devices_errors():
     assert parse_devices('cpu, cpu') == [torch.device('cpu')] * 2
-    for bad in ('tpu', 'cuda:99', 'cpu,cuda:99', ''):
-        with pytest.raises(ValueError):
+    no_cuda_99 = r"Device 'cuda:99' (requested but CUDA is not available|does not exist)"  # with or without a GPU
+    for bad, message in (('tpu', r"'tpu' is not a torch device"), ('cuda:99', no_cuda_99),
+                         ('cpu,cuda:99', no_cuda_99), ('', 'at least one device')):
+        with pytest.raises(ValueError, match=message):
             parse_devices(bad)
     with pytest.raises(TypeError, match='SplitNet'):
         ConcurrentMembers(timm.create_model('resnet18'), ['cpu'])

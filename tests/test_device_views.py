@@ -126,11 +126,11 @@ def test_decode_transform_and_bad_arguments():
     assert tuple(create_decode_transform((3, 32, 32), 'pad')(img).shape) == (3, 32, 32)
     out = create_decode_transform((3, 224, 224), 'rrc')(img)
     assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 256, 256)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="crop modes pad and rrc, not 'rkrc'"):
         DeviceViewAugment(2, 32, 'rkrc')
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match='num_views must be >= 1, got 0'):
         DeviceViewAugment(0, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r'expected an image batch \[B, C, H, W\], got shape \(3, 32, 32\)'):
         DeviceViewAugment(2, 32)(torch.zeros(3, 32, 32))
 
 

@@ -225,8 +225,10 @@ def test_every_timm_flag_parses():
     args = parser.parse_args(TIMM_FLAGS)
     assert args.data == 'DIR' and args.layer_decay == 0.7 and args.lr_noise == [0.4, 0.9]
     assert args.device_modules == ['json', 'math'] and args.bce_loss and args.eval_metric == 'top5'
-    for flag, values in TIMM_REFUSED.items():
-        parser.parse_args([flag, *values])  # a flag here, refused when the run starts
+    for flag, values in TIMM_REFUSED.items():  # a flag here (timm's command lines parse), refused when the run starts
+        dest = flag.lstrip('-').replace('-', '_')
+        value = getattr(parser.parse_args([flag, *values]), dest)
+        assert value == (type(value)(values[0]) if values else True) != parser.get_default(dest), flag
 
 
 @pytest.mark.parametrize('flag', list(TIMM_REFUSED))

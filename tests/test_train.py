@@ -255,7 +255,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         raise OSError('disk full')
 
     monkeypatch.setattr(train_state.torch, 'save', failing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match='disk full'):
         keeper.save(1, dict(epoch=1, state_dict={'w': torch.zeros(3)}), metric=20.)
     monkeypatch.undo()
     for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-0.pth.tar'):
