@@ -1,6 +1,7 @@
 """benchmark.py, the concurrent member runner and the latency plot (CPU, tiny batches, a few iterations)."""
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,21 +92,51 @@ TRAIN_KEYS = ('train_samples_per_sec', 'train_step_time', 'train_step_time_media
               'train_img_size', 'train_peak_mem_mb')
 
 
-def test_benchmark_infer_train_concurrent_and_plot(tmp_path):
+# a known cost per member forward: a sleep (no CPU used, so it is the same on a busy machine; threads overlap it)
+MEMBER_DELAY_MS = 40.
+
+
+def delay_member_forwards(monkeypatch, delay_ms: float = MEMBER_DELAY_MS) -> None:
+    """Every CIFAR ResNet member forward (the members of splitnet_resnet110_s*) first sleeps `delay_ms`."""
+    from timm_splitnet.models.cifar_resnet import CifarResNet
+    forward = CifarResNet.forward
+
+    def delayed_forward(self, x):
+        time.sleep(delay_ms / 1000.)
+        return forward(self, x)
+    monkeypatch.setattr(CifarResNet, 'forward', delayed_forward)
+
+
+def test_benchmark_infer_train_concurrent_and_plot(tmp_path, monkeypatch):
+    """The timers measure the members' work: with a known delay in every member forward, a sequential step takes
+    at least S delays, the undivided network's at least one, and the concurrent members (two host threads) overlap
+    theirs, taking clearly less than the sequential step."""
     out = tmp_path / 'results.json'
     png = tmp_path / 'latency.png'
-    rows = benchmark.main(['--model', MODEL, '--bench', 'both', '--devices', 'cpu,cpu', '--results-file', str(out),
-                           '--results-format', 'json', '--plot', str(png)] + FAST + TINY_ARGS)
+    delay_member_forwards(monkeypatch)
+    rows = benchmark.main(['--model', MODEL, '--bench', 'both', '--devices', 'cpu,cpu', '--split-backend', 'loop',
+                           '--results-file', str(out), '--results-format', 'json', '--plot', str(png)]
+                          + FAST + TINY_ARGS)
     assert [(r['model'], r['split_mode']) for r in rows] == [
         ('splitnet_resnet110_s1', 'undivided'), (MODEL, 'sequential'), (MODEL, 'concurrent')]
     for r in rows:
         for key in INFER_KEYS + TRAIN_KEYS + ('param_count', 'split_mode', 'split_factor', 'split_backend', 'group'):
             assert key in r, key
-        assert r['infer_samples_per_sec'] > 0 and r['train_samples_per_sec'] > 0
         assert r['infer_batch_size'] == 2 and r['infer_img_size'] == 32 and r['infer_gmacs'] > 0
         assert r['infer_peak_mem_mb'] is None and r['group'] == MODEL  # CPU: no peak memory
-        assert r['infer_step_time_median'] == pytest.approx(r['infer_latency_ms'] * 2, rel=1e-3)
     assert [r['split_factor'] for r in rows] == [1, 2, 2] and rows[2]['devices'] == 'cpu,cpu'
+    undivided, sequential, concurrent = rows
+    for r, delays in ((undivided, 1), (sequential, 2), (concurrent, 1)):  # serial member forwards per step
+        for bench in ('infer', 'train'):
+            assert r[f'{bench}_step_time_median'] >= delays * MEMBER_DELAY_MS, (r['split_mode'], bench)
+            assert r[f'{bench}_step_time'] >= delays * MEMBER_DELAY_MS, (r['split_mode'], bench)
+            # images per second: at most the batch over the delays of a step
+            assert 0 < r[f'{bench}_samples_per_sec'] <= 2 / (delays * MEMBER_DELAY_MS / 1000.), (r['split_mode'], bench)
+        assert r['infer_latency_ms'] >= delays * MEMBER_DELAY_MS / 2  # per image of the batch of 2
+    # the two member threads sleep at the same time: about one delay instead of two
+    for bench in ('infer', 'train'):
+        assert concurrent[f'{bench}_step_time_median'] < sequential[f'{bench}_step_time_median'] - \
+            0.5 * MEMBER_DELAY_MS, bench
     assert rows[1]['param_count'] == rows[2]['param_count']
     assert json.loads(out.read_text()) == [dict(r) for r in rows]
     assert png.read_bytes()[:8] == PNG_MAGIC

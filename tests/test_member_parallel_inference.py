@@ -93,12 +93,12 @@ def odd_folder(image_folder, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @requires_dist
 @pytest.mark.parametrize('model,data,batch_size,num_images', [
-    (MODEL, 'cifar', 50, 100),  # member i on rank i
+    (MODEL, 'digits', 50, 100),  # the digits image folder (tests/conftest.py); member i on rank i
     ('splitnet_resnet110_s1', 'odd', 4, 7),  # two replicas of one member, each validating half of the images
 ])
 def test_validate_member_parallel_equals_single_process(
         image_folder, odd_folder, weights, tmp_path, model, data, batch_size, num_images):
-    root = image_folder if data == 'cifar' else odd_folder
+    root = image_folder if data == 'digits' else odd_folder
     argv = [str(root), '--model', model, '--checkpoint', str(weights[model]), '-b', str(batch_size), '-j', '0',
             '--log-freq', '0'] + TINY_ARGS
     out = tmp_path / 'results.json'
