@@ -1,5 +1,5 @@
-"""validate.py on the digits image folder (`image_folder`: scikit-learn's digits as 32x32 JPEGs, tests/conftest.py; CPU):
-checkpoints, metrics of members and ensemble manners, errors."""
+"""validate.py on the digits image folder (`image_folder`: scikit-learn's digits as 32x32 JPEGs, tests/conftest.py),
+on the CPU: checkpoints, metrics of members and ensemble manners, errors."""
 import csv
 import json
 import sys
