@@ -8,6 +8,8 @@ are those of :class:`timm_splitnet.data.DigitsDataset` (the README demo's data s
 digits upscaled bicubically to 32x32). The last training image of every class is written as a grayscale (mode L)
 JPEG, so the folder readers' conversion to RGB is exercised; tests that need corrupt, truncated or zero-byte files
 copy the folder and add them.
+
+Tests marked ``cuda`` (tests/test_cuda.py and the CUDA cases of other files) skip without a CUDA GPU.
 """
 import os
 from pathlib import Path
@@ -38,6 +40,17 @@ def build_digits_folder(root: Path, train_per_class: int, val_per_class: int, im
                     img = img.convert('L')  # a grayscale file among RGB ones (sorted last in its class)
                 img.save(folder / f'{int(ds.indices[i]):04d}.jpg', quality=95)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip on a machine without a CUDA GPU (`python -m pytest -m cuda` runs them on one)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU (run `python -m pytest -m cuda` on a GPU machine)')
+    for item in items:
+        if item.get_closest_marker('cuda') is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope='session')

@@ -146,10 +146,11 @@ TINY = ['--model', 'splitnet_resnet110_s2', '--model-kwargs', 'layers=(1,1,1)', 
 
 
 @pytest.mark.slow
-def test_train_views_on_device(image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)])
+def test_train_views_on_device(image_folder, tmp_path, monkeypatch, device):
     """train.py --views-on-device: the training steps get the views made on the device from the decoded images
     (each view a padded crop, maybe flipped, of its own image; the views of an image differ; about half of the views
-    erased, each on its own), and the run trains on them."""
+    erased, each on its own), and the run trains on them. On CUDA with bfloat16 AMP, as a GPU run would."""
     from timm_splitnet.task import CoTrainingTask
     train = _train_module()
     made, trained_on = [], []
@@ -157,18 +158,20 @@ def test_train_views_on_device(image_folder, tmp_path, monkeypatch):
 
     def spy_augment(self, images):
         views = augment(self, images)
-        made.append((images.clone(), views.clone(), self.mean, self.std))
+        assert images.device.type == views.device.type == device  # made on the training device
+        made.append((images.cpu(), views.cpu(), self.mean, self.std))
         return views
 
     def spy_forward(task, input, target):
         if task.get_trainable_module().training:
-            trained_on.append(input.clone())
+            trained_on.append(input.cpu())
         return forward(task, input, target)
 
     monkeypatch.setattr(DeviceViewAugment, '__call__', spy_augment)
     monkeypatch.setattr(CoTrainingTask, 'forward', spy_forward)
-    argv = ['--data-dir', str(image_folder), *TINY, '--epochs', '1', '--views-on-device', '--reprob', '0.5',
-            '--remode', 'const', '--mixup', '0.2', '--output', str(tmp_path), '--experiment', 'dv']
+    on_device = ['--device', 'cuda', '--amp', '--amp-dtype', 'bfloat16', '--pin-mem'] if device == 'cuda' else []
+    argv = ['--data-dir', str(image_folder), *TINY, *on_device, '--epochs', '1', '--views-on-device', '--reprob',
+            '0.5', '--remode', 'const', '--mixup', '0.2', '--output', str(tmp_path), '--experiment', 'dv']
     assert train.main(argv) == 0
     rows = (tmp_path / 'dv' / 'summary.csv').read_text().splitlines()
     header, values = rows[0].split(','), [float(v) for v in rows[1].split(',')]
