@@ -4,9 +4,11 @@
 
 Every forward of a `CifarResNet` member (the members of `splitnet_resnet110_s*`) first sleeps DELAY_MS, then SCRIPT
 (e.g. benchmark.py) runs as `__main__` with SCRIPT_ARGS. A sleep uses no CPU, so the delay is the same on a busy
-machine, and members that run at the same time (other processes, other threads) overlap their delays. The delay is
-patched into the member class here; the package has no such code.
+machine, and members that run at the same time (other processes, other threads) overlap their delays. With
+SPLITNET_TEST_SLEEP_LOG=FILE every sleep appends `RANK START END` (wall-clock seconds) to FILE.rank<RANK>. The delay
+is patched into the member class here; the package has no such code.
 """
+import os
 import runpy
 import sys
 import time
@@ -23,8 +25,15 @@ def main() -> None:
     delay_s, script = float(sys.argv[1]) / 1000., ROOT / sys.argv[2]
     forward = CifarResNet.forward
 
+    rank = os.environ.get('RANK', '0')
+    log = os.environ.get('SPLITNET_TEST_SLEEP_LOG')
+
     def delayed_forward(self, x):
+        start = time.time()
         time.sleep(delay_s)
+        if log:
+            with open(f'{log}.rank{rank}', 'a') as f:
+                f.write(f'{rank} {start} {time.time()}\n')
         return forward(self, x)
 
     CifarResNet.forward = delayed_forward

@@ -96,24 +96,30 @@ TRAIN_KEYS = ('train_samples_per_sec', 'train_step_time', 'train_step_time_media
 MEMBER_DELAY_MS = 40.
 
 
-def delay_member_forwards(monkeypatch, delay_ms: float = MEMBER_DELAY_MS) -> None:
-    """Every CIFAR ResNet member forward (the members of splitnet_resnet110_s*) first sleeps `delay_ms`."""
+def delay_member_forwards(monkeypatch, delay_ms: float = MEMBER_DELAY_MS) -> list:
+    """Every CIFAR ResNet member forward (the members of splitnet_resnet110_s*) first sleeps `delay_ms`; returns the
+    list the sleeps are recorded in, as (thread id, start, end)."""
+    import threading
     from timm_splitnet.models.cifar_resnet import CifarResNet
-    forward = CifarResNet.forward
+    forward, sleeps = CifarResNet.forward, []
 
     def delayed_forward(self, x):
+        start = time.perf_counter()
         time.sleep(delay_ms / 1000.)
+        sleeps.append((threading.get_ident(), start, time.perf_counter()))
         return forward(self, x)
     monkeypatch.setattr(CifarResNet, 'forward', delayed_forward)
+    return sleeps
 
 
 def test_benchmark_infer_train_concurrent_and_plot(tmp_path, monkeypatch):
     """The timers measure the members' work: with a known delay in every member forward, a sequential step takes
-    at least S delays, the undivided network's at least one, and the concurrent members (two host threads) overlap
-    theirs, taking clearly less than the sequential step."""
+    at least S delays and the undivided network's at least one; the concurrent members (a host thread each) run at
+    the same time: their delays overlap."""
+    import threading
     out = tmp_path / 'results.json'
     png = tmp_path / 'latency.png'
-    delay_member_forwards(monkeypatch)
+    sleeps = delay_member_forwards(monkeypatch)
     rows = benchmark.main(['--model', MODEL, '--bench', 'both', '--devices', 'cpu,cpu', '--split-backend', 'loop',
                            '--results-file', str(out), '--results-format', 'json', '--plot', str(png)]
                           + FAST + TINY_ARGS)
@@ -126,17 +132,19 @@ def test_benchmark_infer_train_concurrent_and_plot(tmp_path, monkeypatch):
         assert r['infer_peak_mem_mb'] is None and r['group'] == MODEL  # CPU: no peak memory
     assert [r['split_factor'] for r in rows] == [1, 2, 2] and rows[2]['devices'] == 'cpu,cpu'
     undivided, sequential, concurrent = rows
-    for r, delays in ((undivided, 1), (sequential, 2), (concurrent, 1)):  # serial member forwards per step
+    for r, delays in ((undivided, 1), (sequential, 2), (concurrent, 1)):  # member forwards one after the other
         for bench in ('infer', 'train'):
             assert r[f'{bench}_step_time_median'] >= delays * MEMBER_DELAY_MS, (r['split_mode'], bench)
             assert r[f'{bench}_step_time'] >= delays * MEMBER_DELAY_MS, (r['split_mode'], bench)
             # images per second: at most the batch over the delays of a step
             assert 0 < r[f'{bench}_samples_per_sec'] <= 2 / (delays * MEMBER_DELAY_MS / 1000.), (r['split_mode'], bench)
         assert r['infer_latency_ms'] >= delays * MEMBER_DELAY_MS / 2  # per image of the batch of 2
-    # the two member threads sleep at the same time: about one delay instead of two
-    for bench in ('infer', 'train'):
-        assert concurrent[f'{bench}_step_time_median'] < sequential[f'{bench}_step_time_median'] - \
-            0.5 * MEMBER_DELAY_MS, bench
+    # the concurrent members sleep on their own threads, at the same time (timing-free: the intervals overlap)
+    main = threading.get_ident()
+    workers = [(t, a, b) for t, a, b in sleeps if t != main]
+    assert len({t for t, _, _ in workers}) == 2 and len(workers) >= 2 * 6  # 2 members x (1 + 2 steps) x 2 benches
+    overlapping = [any(u != t and a < d and c < b for u, c, d in workers) for t, a, b in workers]
+    assert sum(overlapping) >= 0.75 * len(workers), overlapping
     assert rows[1]['param_count'] == rows[2]['param_count']
     assert json.loads(out.read_text()) == [dict(r) for r in rows]
     assert png.read_bytes()[:8] == PNG_MAGIC
