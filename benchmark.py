@@ -16,10 +16,19 @@ S > 1 it reports, side by side (the paper's Fig. 3 / Fig. 6 latency study):
     python benchmark.py --model-list "splitnet_resnet50_s2,splitnet_wrn50_3_s2" --bench both --plot latency.png
     python benchmark.py --plot-from results.json --plot latency.png
 
-Result keys follow timm's benchmark.py (`infer_samples_per_sec`, `infer_step_time` (mean ms), `infer_batch_size`,
-`infer_img_size`, `infer_gmacs`, `train_*`, `param_count`), plus `infer_step_time_median`, `infer_latency_ms`
-(median step time per image), `infer_peak_mem_mb` (CUDA only), `split_mode`, `split_factor`, `split_backend`,
-`devices`, `world_size` (member-parallel rows) and `group` (the requested model a row belongs to).
+The models of one architecture (S=1, its divisions, their backends and split modes) are built together and timed
+in paired rounds (`timm_splitnet.utils.benchmarking`): each round runs every one of them for K steps, in a rotating
+order, and the ratio to S=1 is taken per round, so a machine whose speed drifts slows both sides of a ratio alike.
+`--split-backend` takes a comma list here (e.g. `loop,packed,auto`): each backend is one more variant of the rounds.
+
+Result keys follow timm's benchmark.py (`infer_samples_per_sec`, `infer_step_time`, `infer_batch_size`,
+`infer_img_size`, `infer_gmacs`, `train_*`, `param_count`), as medians over the rounds, plus
+`infer_step_time_median`, `infer_latency_ms` (median step time per image), `infer_peak_mem_mb` (CUDA only),
+`infer_vs_s1` with `infer_vs_s1_lo` / `infer_vs_s1_hi` (median and interquartile range of the per-round throughput
+ratio to S=1), `infer_rounds`, `infer_round_steps`, `infer_noise` (round-to-round spread of S=1's img/s, IQR over
+median), `infer_clock` (what timed the steps: CUDA events, or on one CPU thread the process CPU time),
+`flop_bound_vs_s1` (S=1's GMACs over the row's), `split_mode`, `split_factor`, `split_backend`, `devices`,
+`world_size` (member-parallel rows) and `group` (the requested model a row belongs to).
 
 Hacked together by the timm-splitnet authors
 """
@@ -28,15 +37,15 @@ import gc
 import json
 import logging
 import re
-import statistics
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.benchmark import set_torch_threads
 
 import timm
 from timm.data import resolve_data_config
@@ -50,6 +59,9 @@ from timm_splitnet.cli import (
     resolve_amp_dtype, resolve_device_checked, set_split_backend,
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers, cuda_devices, synchronize_devices
+from timm_splitnet.utils.benchmarking import (
+    Variant, clock_kind, device_clock, format_summary, ratio_fields, run_paired, steps_per_round, verdicts,
+)
 
 _logger = logging.getLogger('benchmark')
 
@@ -61,8 +73,24 @@ parser.add_argument('--bench', default='both', type=str, choices=['infer', 'trai
                     help='benchmark mode: "both", "infer", "train", or "data": views/s of the CPU multi-view loader '
                          'and of the views made on the device (train.py --views-on-device) (default: both)')
 parser.add_argument('--num-warm-iter', default=10, type=int,
-                    help='number of warmup iterations (default: 10; at least 1 with --member-parallel)')
-parser.add_argument('--num-bench-iter', default=40, type=int, help='number of benchmark iterations (default: 40)')
+                    help='untimed steps run before the timed ones (default: 10; at least 1 with --member-parallel)')
+parser.add_argument('--num-bench-iter', default=40, type=int,
+                    help='timed steps per model, shared out over the rounds (default: 40)')
+parser.add_argument('--rounds', default=10, type=int, metavar='R',
+                    help='paired rounds: in each, every model of a comparison runs its share of --num-bench-iter '
+                         'steps (at least one), in an order that rotates, and the ratios are taken per round '
+                         '(default: 10, or --num-bench-iter if smaller)')
+parser.add_argument('--min-time', default=0., type=float, metavar='SECONDS',
+                    help='add rounds until the timed steps of a comparison reach this many seconds (default: 0: '
+                         'just --rounds; member-parallel runs use --rounds only)')
+parser.add_argument('--clock', default='auto', type=str, choices=['auto', 'wall', 'cpu'],
+                    help='how CPU steps are timed: "cpu" = the process CPU time, which other jobs sharing the '
+                         'cores do not inflate (right for one intra-op thread), "wall" = elapsed time, "auto" = cpu '
+                         'for single-process runs on one thread, else wall; CUDA steps are timed by the device '
+                         '(default: auto)')
+parser.add_argument('--num-threads', default=None, type=int, metavar='N',
+                    help='torch intra-op threads while timing (default: as torch starts, all cores; one for the CPU '
+                         'comparison of a bare run)')
 parser.add_argument('--device', default=None, type=str,
                     help='device of the sequential / undivided runs (default: first of --devices, else cuda if '
                          'available, else cpu); with --member-parallel: cuda = cuda:LOCAL_RANK')
@@ -73,15 +101,17 @@ parser.add_argument('--streams', action='store_true', default=False,
 parser.add_argument('--compare-undivided', action=argparse.BooleanOptionalAction, default=None,
                     help='also benchmark the undivided splitnet_<arch>_s1 model (default: on for SplitNets with S>1)')
 parser.add_argument('--use-train-size', action='store_true', default=False,
-                    help='run inference at train size, not test-input-size if it exists')
+                    help='time at the pretrained cfg\'s input_size, not its test_input_size (where one is set)')
 parser.add_argument('--amp', action='store_true', default=False,
-                    help='use PyTorch Native AMP for mixed precision training. Overrides --precision arg.')
+                    help='mixed precision: autocast in --amp-dtype, float32 weights (replaces --precision)')
 parser.add_argument('--amp-dtype', default='float16', type=str,
-                    help='lower precision AMP dtype (default: float16). Overrides --precision arg if args.amp True.')
+                    help='autocast type of --amp: float16 (half) or bfloat16 (default: float16)')
 parser.add_argument('--precision', default='float32', type=str,
-                    help='numeric precision. One of (amp, amp_float16, amp_bfloat16, float16, bfloat16, float32)')
+                    help='amp / amp_float16 / amp_bfloat16: float32 weights under float16 / bfloat16 autocast; '
+                         'float16, bfloat16: weights and inputs in that type (default: float32)')
 parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
-                    help='enable compilation w/ specified backend (default: inductor); not for concurrent runs')
+                    help='torch.compile with this backend (inductor if the flag has no value); not for concurrent '
+                         'runs')
 parser.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='train benchmark optimizer')
 parser.add_argument('--lr', default=1e-4, type=float, metavar='LR', help='train benchmark learning rate')
 parser.add_argument('--cot-weight', default=0.5, type=float,
@@ -123,44 +153,46 @@ def parse_splitnet_name(name: str) -> Optional[Tuple[str, int]]:
     return (match['arch'], int(match['s'])) if match else None
 
 
-# ----- timing -----
+# ----- timing: paired rounds (timm_splitnet.utils.benchmarking) -----
 
-def time_steps(step: Callable[[], Any], devices: Sequence[torch.device], num_warm: int, num_bench: int) -> List[float]:
-    """Step times (ms) of `num_bench` calls after `num_warm` warm-up calls; every device used is synchronised."""
+class Run(NamedTuple):
+    """One variant of a comparison: a model in an execution mode (single, sequential, concurrent, member_parallel)
+    with a split backend (None: the model's default)."""
+    name: str
+    mode: str
+    backend: Optional[str] = None
+
+    def label(self) -> str:
+        parsed = parse_splitnet_name(self.name)
+        text = f'S={parsed[1]}' if parsed else self.name
+        extra = [m for m in (self.backend, self.mode if self.mode not in ('sequential', 'single') else None) if m]
+        return text + (f' ({", ".join(extra)})' if extra else '')
+
+
+def parse_split_backends(value: Optional[str]) -> List[Optional[str]]:
+    """The backends of `--split-backend` (a comma list here); [None] when not given."""
+    backends = [b.strip() for b in (value or '').split(',') if b.strip()]
+    return list(dict.fromkeys(backends)) or [None]
+
+
+def _memory_allocated(devices: Sequence[torch.device]) -> Dict[torch.device, int]:
+    return {d: torch.cuda.memory_allocated(d) for d in cuda_devices(devices)}
+
+
+def warm_up(setup: 'BenchSetup', step: Callable[[], Any], num_warm: int) -> Optional[float]:
+    """Run `num_warm` steps; returns the peak CUDA memory of the setup alone (MiB, None on CPU): its weights
+    (`setup.resident`) plus the most the steps allocated on top of what was allocated before them."""
+    devices = cuda_devices(setup.devices)
+    for d in devices:
+        torch.cuda.reset_peak_memory_stats(d)
+    before = _memory_allocated(devices)
     for _ in range(num_warm):
         step()
-    synchronize_devices(devices)
-    times = []
-    for _ in range(num_bench):
-        t0 = time.perf_counter()
-        step()
-        synchronize_devices(devices)
-        times.append((time.perf_counter() - t0) * 1000.)
-    return times
-
-
-def _reset_peak_memory(devices: Sequence[torch.device]) -> None:
-    for d in cuda_devices(devices):
-        torch.cuda.reset_peak_memory_stats(d)
-
-
-def _peak_memory_mb(devices: Sequence[torch.device]) -> Optional[float]:
-    """Largest `max_memory_allocated` over the CUDA devices used (MiB), None on CPU."""
-    peaks = [torch.cuda.max_memory_allocated(d) for d in cuda_devices(devices)]
-    return round(max(peaks) / 2 ** 20, 1) if peaks else None
-
-
-def _summary(times_ms: List[float], batch_size: int, img_size: int) -> Dict[str, Any]:
-    mean = statistics.fmean(times_ms)
-    median = statistics.median(times_ms)
-    return OrderedDict(
-        samples_per_sec=round(batch_size * 1000. / mean, 2),
-        step_time=round(mean, 3),
-        step_time_median=round(median, 3),
-        latency_ms=round(median / batch_size, 4),
-        batch_size=batch_size,
-        img_size=img_size,
-    )
+    synchronize_devices(setup.devices)
+    if not devices:
+        return None
+    peak = max(setup.resident.get(d, 0) + torch.cuda.max_memory_allocated(d) - before[d] for d in devices)
+    return round(peak / 2 ** 20, 1)
 
 
 # ----- one benchmark setup -----
@@ -178,9 +210,11 @@ class BenchSetup:
             args,
             device: Optional[torch.device],
             devices: Optional[List[torch.device]],
+            split_backend: Optional[str] = None,
     ):
         self.name = name
         self.mode = mode
+        self.resident: Dict[torch.device, int] = {}  # bytes on each CUDA device once built (set by the caller)
         self.seed = args.seed
         self.precision = args.precision
         if args.amp:  # overrides --precision, as in timm
@@ -196,7 +230,7 @@ class BenchSetup:
         if mode == 'member_parallel':  # the members of a rank run one after the other
             self.split_backend = 'loop' if self.is_split else None
         else:
-            self.split_backend = set_split_backend(self.model, args.split_backend)
+            self.split_backend = set_split_backend(self.model, split_backend)
             if mode != 'concurrent':
                 check_compile_backend(args.torchcompile, self.split_backend)
         self.split_factor = self.model.split_factor if self.is_split else None
@@ -306,7 +340,8 @@ def make_criterion(is_split: bool, cot_weight: float = 0.5) -> Callable[[torch.T
     return loss_fn
 
 
-def bench_infer(setup: BenchSetup, args) -> Dict[str, Any]:
+def make_infer_step(setup: BenchSetup, args) -> Callable[[], None]:
+    """One inference step of `setup` (eval mode, no autograd) on a fixed random batch."""
     setup.train(False)
     x = setup.input(args.batch_size)
 
@@ -314,15 +349,11 @@ def bench_infer(setup: BenchSetup, args) -> Dict[str, Any]:
         with torch.inference_mode(), setup.autocast():
             setup.forward(x)
 
-    _reset_peak_memory(setup.devices)
-    times = time_steps(step, setup.devices, max(args.num_warm_iter, setup.min_warm_iter), args.num_bench_iter)
-    results = _summary(times, args.batch_size, setup.input_size[-1])
-    results['gmacs'] = setup.gmacs
-    results['peak_mem_mb'] = _peak_memory_mb(setup.devices)
-    return results
+    return step
 
 
-def bench_train(setup: BenchSetup, args) -> Dict[str, Any]:
+def make_train_step(setup: BenchSetup, args) -> Callable[[], None]:
+    """One train step of `setup` (forward of the member logits, co-training loss, backward, optimizer step)."""
     from timm.optim import create_optimizer_v2
     setup.train(True)
     criterion = make_criterion(setup.is_split, args.cot_weight)
@@ -338,42 +369,128 @@ def bench_train(setup: BenchSetup, args) -> Dict[str, Any]:
         loss.backward()
         optimizer.step()
 
-    _reset_peak_memory(setup.devices)
-    times = time_steps(step, setup.devices, max(args.num_warm_iter, setup.min_warm_iter), args.num_bench_iter)
-    results = _summary(times, args.batch_size, setup.input_size[-1])
-    results['peak_mem_mb'] = _peak_memory_mb(setup.devices)
-    setup.train(False)
-    return results
+    return step
 
 
-def benchmark_one(
-        name: str,
-        mode: str,
+def _log_round(kind: str, runs: List[Run], base: Optional[int], total: int, count: int, rounds) -> None:
+    """Progress of the rounds: the last round's ratios to S=1 (or img/s without S=1)."""
+    if base is not None and len(runs) > 1:
+        ratios = ', '.join(f'{r.label()} {rounds.ratios(i, base)[-1]:.2f}x' for i, r in enumerate(runs) if i != base)
+        text = f'{ratios} of {runs[base].label()} ({rounds.throughputs(base)[-1]:.1f} img/s)'
+    else:
+        text = ', '.join(f'{r.label()} {rounds.throughputs(i)[-1]:.1f} img/s' for i, r in enumerate(runs))
+    _logger.info(f'{kind} round {count}/{total}: {text}')
+
+
+def _measure_kind(kind: str, setups: Dict[Run, BenchSetup], rows: Dict[Run, Any], args,
+                  baseline: Optional[Run]) -> None:
+    """Warm every setup up for `kind` ('infer' / 'train'), time them together in paired rounds, add the row keys."""
+    runs, variants, peaks = [], [], {}
+    # one clock for the whole comparison: CPU time only where it stands for the elapsed time of an idle machine
+    cpu_time = args.clock == 'cpu' or (args.clock == 'auto' and torch.get_num_threads() == 1 and all(
+        r.mode in ('single', 'sequential') for r in setups))
+    for run, setup in setups.items():
+        if isinstance(rows[run], Exception):
+            continue
+        try:
+            step = (make_infer_step if kind == 'infer' else make_train_step)(setup, args)
+            peaks[run] = warm_up(setup, step, max(1, args.num_warm_iter, setup.min_warm_iter))
+        except Exception as e:
+            if run.mode == 'member_parallel':
+                raise
+            rows[run] = e
+            continue
+        runs.append(run)
+        variants.append(Variant(run.label(), step, items=args.batch_size, devices=setup.devices,
+                                clock=device_clock(setup.devices, cpu_time)))
+    if not runs:
+        return
+    base = runs.index(baseline) if baseline in runs else None
+    steps = steps_per_round(args.num_bench_iter, args.rounds)
+    collective = any(r.mode == 'member_parallel' for r in runs)  # every rank must run the same rounds
+    rounds = run_paired(
+        variants, rounds=args.rounds, steps=steps, min_time=0. if collective else args.min_time,
+        progress=partial(_log_round, kind, runs, base, args.rounds))
+    for i, run in enumerate(runs):
+        setup, row = setups[run], rows[run]
+        step_ms = rounds.step_time(i).median * 1000.
+        row[f'{kind}_samples_per_sec'] = round(rounds.throughput(i).median, 2)
+        row[f'{kind}_step_time'] = round(step_ms, 3)
+        row[f'{kind}_step_time_median'] = round(step_ms, 3)
+        row[f'{kind}_latency_ms'] = round(step_ms / args.batch_size, 4)
+        row[f'{kind}_batch_size'] = args.batch_size
+        row[f'{kind}_img_size'] = setup.input_size[-1]
+        if kind == 'infer':
+            row['infer_gmacs'] = setup.gmacs
+        row[f'{kind}_peak_mem_mb'] = peaks[run]
+        if base is not None and i != base:
+            row.update(ratio_fields(f'{kind}_vs_s1', rounds.ratio(i, base)))
+        row[f'{kind}_clock'] = clock_kind(setup.devices, cpu_time)
+        row[f'{kind}_rounds'] = rounds.rounds
+        row[f'{kind}_round_steps'] = steps
+        row[f'{kind}_noise'] = round(rounds.noise(i if base is None else base), 3)
+    if kind == 'train':
+        for setup in setups.values():
+            setup.train(False)
+
+
+def measure_group(
+        runs: Sequence[Run],
         args,
         device: Optional[torch.device],
         devices: Optional[List[torch.device]],
-) -> Dict[str, Any]:
-    """One result row: `name` in split mode `mode`, infer and / or train keys merged as in timm."""
-    setup = BenchSetup(name, mode, args, device, devices)
-    device = setup.device
-    try:
-        row = OrderedDict(model=name)
-        row.update(setup.info())
-        if args.bench in ('infer', 'both'):
-            row.update((f'infer_{k}', v) for k, v in bench_infer(setup, args).items())
-        if args.bench in ('train', 'both'):
-            train = bench_train(setup, args)
-            row.update((f'train_{k}', v) for k, v in train.items())
-            if 'infer_gmacs' not in row:
-                row['train_gmacs'] = setup.gmacs
-        row['param_count'] = round(setup.param_count / 1e6, 4)
-    finally:
-        setup.close()
-        del setup
-        gc.collect()
-        if device.type == 'cuda':
-            torch.cuda.empty_cache()
-    return row
+        baseline: Optional[Run] = None,
+) -> Dict[Run, Any]:
+    """The row of every run (or the exception that stopped it), all runs built first and timed together.
+
+    Infer and train are timed in turn, each in `--rounds` paired rounds; ratios are to `baseline` (S=1).
+    """
+    rows: Dict[Run, Any] = OrderedDict()
+    setups: Dict[Run, BenchSetup] = OrderedDict()
+    known = [d for d in [device, *(devices or [])] if d is not None]
+    # warm-up and rounds at one thread count (oneDNN keeps its kernels per thread count)
+    with set_torch_threads(args.num_threads) if args.num_threads else nullcontext():
+        try:
+            for run in runs:
+                try:
+                    before = _memory_allocated(known)
+                    setup = BenchSetup(run.name, run.mode, args, device, devices, split_backend=run.backend)
+                    setup.resident = {d: n - before.get(d, 0) for d, n in _memory_allocated(setup.devices).items()}
+                    setups[run] = setup
+                    rows[run] = OrderedDict(model=run.name)
+                    rows[run].update(setup.info())
+                except Exception as e:
+                    if run.mode == 'member_parallel':
+                        raise
+                    rows[run] = e
+            for kind in ('infer', 'train'):
+                if args.bench in (kind, 'both'):
+                    try:
+                        _measure_kind(kind, setups, rows, args, baseline)
+                    except Exception as e:  # a failure inside the rounds stops the whole comparison
+                        if any(r.mode == 'member_parallel' for r in setups):
+                            raise
+                        for run in setups:
+                            rows[run] = e
+            for run, setup in setups.items():
+                row = rows[run]
+                if isinstance(row, Exception):
+                    continue
+                if args.bench == 'train':
+                    row['train_gmacs'] = setup.gmacs
+                base_gmacs = setups[baseline].gmacs if baseline in setups else None
+                if base_gmacs and setup.gmacs and run != baseline and any(k.endswith('_vs_s1') for k in row):
+                    row['flop_bound_vs_s1'] = round(base_gmacs / setup.gmacs, 3)
+                row['param_count'] = round(setup.param_count / 1e6, 4)
+        finally:
+            cuda = cuda_devices([d for s in setups.values() for d in s.devices])
+            for setup in setups.values():
+                setup.close()
+            setups.clear()
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+    return rows
 
 
 def benchmark_member_parallel(
@@ -385,13 +502,14 @@ def benchmark_member_parallel(
     """The member-parallel run of every model, on every rank (collectives), into `cache[(name, 'member_parallel')]`.
 
     A failure is stored in the cache (the row of rank 0 reports it) and logged on the other ranks; with a single
-    model it is raised, except out of memory (reported as a row, as the single-process runs do).
+    model it is raised, except out of memory (reported as a row, as the single-process runs do). These rows are
+    timed in rounds of their own: the single-process runs happen later, on rank 0 alone.
     """
     for name in model_names:
         key = (name, 'member_parallel')
         _logger.info(f'Benchmarking {name} (member_parallel) ...')
         try:
-            cache[key] = benchmark_one(name, 'member_parallel', args, None, None)
+            cache[key] = [measure_group([Run(name, 'member_parallel')], args, None, None)[Run(name, 'member_parallel')]]
         except Exception as e:
             if len(model_names) == 1 and not isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
@@ -400,18 +518,9 @@ def benchmark_member_parallel(
             cache[key] = e
 
 
-def benchmark_model(
-        name: str,
-        args,
-        device: torch.device,
-        devices: Optional[List[torch.device]],
-        cache: Dict[Tuple[str, str], Any],
-) -> List[Dict[str, Any]]:
-    """The rows of one requested model: undivided / sequential / concurrent / member_parallel as they apply.
-
-    The member-parallel row comes from the cache (`benchmark_member_parallel` ran it first); a failure stored
-    there is raised.
-    """
+def planned_runs(name: str, args, devices: Optional[List[torch.device]], warn: bool = True) -> List[Tuple[str, str]]:
+    """(model, split mode) of every row of one requested model: undivided / sequential / concurrent /
+    member_parallel as they apply (`warn`: log the comparisons that cannot be made)."""
     parsed = parse_splitnet_name(name)
     split_factor = parsed[1] if parsed else None
     compare = args.compare_undivided
@@ -422,29 +531,94 @@ def benchmark_model(
         undivided = splitnet_name(parsed[0], 1)
         if timm.is_model(undivided):
             runs.append((undivided, 'undivided'))
-        else:
+        elif warn:
             _logger.warning(f'no undivided model {undivided} to compare {name} with.')
     runs.append((name, 'sequential' if parsed else 'single'))
     if devices and parsed:
         runs.append((name, 'concurrent'))
-    elif devices:
+    elif devices and warn:
         _logger.warning(f'--devices ignored for {name}: not a SplitNet.')
     if args.member_parallel:
         runs.append((name, 'member_parallel'))
-        if isinstance(cache.get((name, 'member_parallel')), Exception):
-            raise cache[(name, 'member_parallel')]
+    return runs
+
+
+def _split_factor(name: str) -> Optional[int]:
+    parsed = parse_splitnet_name(name)
+    return parsed[1] if parsed else None
+
+
+def _exec_mode(mode: str) -> str:
+    return 'sequential' if mode == 'undivided' else mode
+
+
+def benchmark_paired(
+        model_names: List[str],
+        args,
+        device: torch.device,
+        devices: Optional[List[torch.device]],
+        cache: Dict[Tuple[str, str], Any],
+) -> None:
+    """Time the single-process rows of all requested models, one comparison per architecture (its S=1 network,
+    divisions, backends and split modes built together and timed in the same rounds), into
+    `cache[(model, mode)]` as a list of rows (one per backend) or the exception that stopped them."""
+    backends = parse_split_backends(args.split_backend)
+    groups: Dict[str, List[Run]] = OrderedDict()
+    results: Dict[Tuple[str, str], List[Tuple[Run, Any]]] = OrderedDict()
+    for name in model_names:
+        for run_name, mode in planned_runs(name, args, devices):
+            mode = _exec_mode(mode)
+            if mode == 'member_parallel' or (run_name, mode) in cache:
+                continue
+            parsed = parse_splitnet_name(run_name)
+            divided = parsed is not None and parsed[1] > 1 and mode == 'sequential'
+            group = groups.setdefault(parsed[0] if parsed else run_name, [])
+            for backend in (backends if divided else backends[:1]):
+                if Run(run_name, mode, backend) not in group:
+                    group.append(Run(run_name, mode, backend))
+    for runs in groups.values():
+        baseline = next((r for r in runs if r.mode == 'sequential' and _split_factor(r.name) == 1), None)
+        if baseline is not None:  # S=1 first: the order of the first round
+            runs.remove(baseline)
+            runs.insert(0, baseline)
+        _logger.info(f'Benchmarking {", ".join(r.label() for r in runs)} in paired rounds ...')
+        rows = measure_group(runs, args, device, devices, baseline)
+        for run in runs:
+            results.setdefault((run.name, run.mode), []).append((run, rows[run]))
+    for key, values in results.items():
+        failed = [v for _, v in values if isinstance(v, Exception)]
+        if len(failed) == len(values):
+            cache[key] = failed[0]
+            continue
+        cache[key] = []
+        for run, value in values:  # a backend that failed beside others that ran: an error row of its own
+            if isinstance(value, Exception):
+                _logger.error(f'{run.name} ({run.mode}, {run.backend}): {type(value).__name__}: {value}')
+                value = OrderedDict(model=run.name, split_backend=run.backend, error=str(value))
+            cache[key].append(value)
+
+
+def benchmark_model(
+        name: str,
+        args,
+        device: torch.device,
+        devices: Optional[List[torch.device]],
+        cache: Dict[Tuple[str, str], Any],
+) -> List[Dict[str, Any]]:
+    """The rows of one requested model, from `cache` (`benchmark_paired` and `benchmark_member_parallel` fill it):
+    undivided / sequential / concurrent / member_parallel as they apply; a failure stored there is raised."""
     rows = []
-    for run_name, mode in runs:
-        key = (run_name, mode)
+    for run_name, mode in planned_runs(name, args, devices, warn=False):
+        key = (run_name, _exec_mode(mode))
         if key not in cache:
-            _logger.info(f'Benchmarking {run_name} ({mode}) ...')
-            cache[key] = benchmark_one(run_name, mode, args, device, devices)
-            if mode == 'undivided':
-                cache[(run_name, 'sequential')] = cache[key]
-        row = OrderedDict(cache[key])
-        row['split_mode'] = mode
-        row['group'] = name
-        rows.append(row)
+            benchmark_paired([name], args, device, devices, cache)
+        if isinstance(cache[key], Exception):
+            raise cache[key]
+        for cached in cache[key]:
+            row = OrderedDict(cached)
+            row['split_mode'] = mode
+            row['group'] = name
+            rows.append(row)
     return rows
 
 
@@ -590,8 +764,10 @@ def load_results(path: str) -> List[Dict[str, Any]]:
 
 # per device type: the undivided network and its S=2, S=4 divisions, at a size that runs in about a minute there
 DEFAULT_COMPARISON = {
-    'cpu': dict(arch='wrn16_8', img_size=32, num_classes=100, batch_size=8, num_warm_iter=1, num_bench_iter=3),
-    'cuda': dict(arch='wrn50_3', img_size=224, num_classes=1000, batch_size=64, num_warm_iter=5, num_bench_iter=20),
+    'cpu': dict(arch='wrn16_8', img_size=32, num_classes=100, batch_size=8, num_warm_iter=1, num_bench_iter=10,
+                rounds=10, num_threads=1),
+    'cuda': dict(arch='wrn50_3', img_size=224, num_classes=1000, batch_size=64, num_warm_iter=5, num_bench_iter=30,
+                 rounds=10),
 }
 DEFAULT_SPLIT_FACTORS = (1, 2, 4)
 
@@ -622,32 +798,6 @@ def resolve_default_comparison(args, device: torch.device, explicit: set) -> Lis
         f'No model given: comparing {", ".join(names)} on {device} at {args.img_size} px, batch size '
         f'{args.batch_size} (pass --model NAME to benchmark another model).')
     return names
-
-
-def add_throughput_ratios(rows: List[Dict[str, Any]]) -> List[str]:
-    """Add the throughput of every divided SplitNet row relative to its undivided S=1 network (`infer_vs_s1`,
-    `train_vs_s1`) where both are in `rows`; returns one readable line per such row."""
-    baselines = {}
-    for row in rows:
-        parsed = parse_splitnet_name(str(row.get('model', '')))
-        if parsed and parsed[1] == 1 and 'error' not in row:
-            baselines.setdefault(parsed[0], row)
-    lines = []
-    for row in rows:
-        parsed = parse_splitnet_name(str(row.get('model', '')))
-        if not parsed or parsed[1] == 1 or parsed[0] not in baselines or 'error' in row:
-            continue
-        base = baselines[parsed[0]]
-        parts = []
-        for kind, title in (('infer', 'inference'), ('train', 'training')):
-            key = f'{kind}_samples_per_sec'
-            if row.get(key) and base.get(key):
-                row[f'{kind}_vs_s1'] = round(row[key] / base[key], 3)
-                parts.append(f'{title} {row[f"{kind}_vs_s1"]:.2f}x')
-        if parts:
-            lines.append(f'{row["model"]} ({row.get("split_mode", "")}): {", ".join(parts)} the throughput of '
-                         f'{base["model"]}')
-    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
@@ -681,16 +831,22 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         if device.type == 'cuda' or any(d.type == 'cuda' for d in devices or []):  # as timm's benchmark.py
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
+        explicit = explicit_dests(argv)
         if args.model or args.model_list:
             model_names = expand_model_names(args.model, args.model_list)
         else:
-            model_names = resolve_default_comparison(args, device, explicit_dests(argv))
+            model_names = resolve_default_comparison(args, device, explicit)
+        if 'rounds' not in explicit:  # never more timed steps than --num-bench-iter asks for
+            args.rounds = max(1, min(args.rounds, args.num_bench_iter))
+        if args.rounds < 1 or (args.num_threads is not None and args.num_threads < 1):
+            raise CliError(f'--rounds and --num-threads need at least 1, got {args.rounds} and {args.num_threads}.')
         rows, cache = [], {}
         if args.member_parallel:
             benchmark_member_parallel(model_names, args, cache, rank)
             finish_member_parallel()
             if rank != 0:
                 return []  # rank 0 runs the single-process rows alone, on an otherwise idle machine
+        benchmark_paired(model_names, args, device, devices, cache)
         for name in model_names:
             try:
                 rows += benchmark_model(name, args, device, devices, cache)
@@ -703,11 +859,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                 # bulk mode: report the model's failure and go on with the others (as timm's benchmark.py)
                 _logger.error(f'{name}: {type(e).__name__}: {e}', exc_info=not isinstance(e, CliError))
                 rows.append(OrderedDict(model=name, error=str(e)))
-    ratios = add_throughput_ratios(rows)
-    table = format_rows(rows)
-    if ratios:
-        table += '\nThroughput relative to the undivided network:\n' + '\n'.join(f'  {line}' for line in ratios)
-    print_results(rows, args, table=table)
+    print_results(rows, args, table=format_rows(rows))
+    if len(rows) > 1:  # the human summary after the JSON
+        print('\n' + format_summary(rows))
+        print('\n'.join(verdicts(rows)))
     if args.plot:
         _plot(rows, args.plot)
     if any('error' in r for r in rows):
@@ -718,7 +873,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
 def _plot(rows: List[Dict[str, Any]], path: str) -> None:
     from timm_splitnet.plots import plot_latency
     plot_latency(rows, path)
-    _logger.info(f'Latency plot written to {path}')
+    _logger.info(f'Plot written to {path}')
 
 
 if __name__ == '__main__':

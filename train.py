@@ -132,7 +132,8 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--dataset-download', action='store_true', default=False,
                        help='let torch/ and tfds/ data sets download themselves into the data folder')
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
-                       help='file mapping class folder names to indices (one name per line, or name,index)')
+                       help='class name -> index: a .txt with one name per line in index order, or a pickled dict '
+                            '(.pkl) (default: the sorted folder names)')
 
     group = parser.add_argument_group('Model')
     group.add_argument('--model', default='splitnet_resnet110_s2', type=str, metavar='MODEL',
@@ -807,10 +808,10 @@ def _train(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     if args.distributed:
         _logger.info(
-            f'Training in {"member-parallel" if args.member_parallel else "distributed"} mode with '
-            f'{args.world_size} processes, rank {args.rank}, device {device}.')
+            f'{args.world_size} {"member-parallel" if args.member_parallel else "distributed"} training processes; '
+            f'this one is rank {args.rank} on {device}.')
     else:
-        _logger.info(f'Training with a single process on {device}.')
+        _logger.info(f'One training process, on {device}.')
 
     amp_dtype = resolve_amp_dtype(args.amp_dtype)
     amp_autocast = autocast_factory(device, amp_dtype if args.amp else None)

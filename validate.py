@@ -70,32 +70,48 @@ _SPLIT_FOLDERS = set().union(*_SPLIT_SYNONYMS)
 
 
 parser = argparse.ArgumentParser(description='SplitNet / timm ImageNet-style validation')
-parser.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (root dir)')
-parser.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+parser.add_argument('data', nargs='?', metavar='DIR', const=None,
+                    help='data folder, as timm\'s validate.py takes it (same as --data-dir)')
+parser.add_argument('--data-dir', metavar='DIR',
+                    help='data folder: <dir>/<split>/<class>/*.jpg (the ImageNet layout), or the root of --dataset')
 parser.add_argument('--dataset', metavar='NAME', default='',
-                    help='dataset type + name ("<type>/<name>") (default: ImageFolder or ImageTar if empty)')
-parser.add_argument('--split', metavar='NAME', default='validation', help='dataset split (default: validation)')
+                    help='"<type>/<name>": "" for an image folder or tar (default), "torch/cifar100", "hfds/...", '
+                         '"sklearn/digits" (ships with scikit-learn, needs no folder)')
+parser.add_argument('--split', metavar='NAME', default='validation',
+                    help='split to evaluate; in a folder, val / valid / eval count as validation (default: validation)')
 parser.add_argument('--dataset-download', action='store_true', default=False,
-                    help='allow download of dataset for torch/ and tfds/ datasets that support it')
+                    help='let torch/ and tfds/ data sets download themselves into the data folder')
 parser.add_argument('--class-map', default='', type=str, metavar='FILENAME',
-                    help='path to class to idx mapping file (default: "")')
+                    help='class name -> index: a .txt with one name per line in index order, or a pickled dict '
+                         '(.pkl) (default: the sorted folder names)')
 parser.add_argument('--pretrained', dest='pretrained', action='store_true',
                     help='use pretrained weights (of the pretrained cfg or of --pretrained-path)')
 parser.add_argument('--pretrained-path', default=None, type=str, metavar='FILE',
-                    help='load pretrained weights from this local file (pretrained_cfg_overlay=dict(file=...))')
+                    help='local weights file used as the pretrained weights, implies --pretrained '
+                         '(pretrained_cfg_overlay=dict(file=...))')
 parser.add_argument('--checkpoint', default='', type=str, metavar='PATH',
                     help='path to a checkpoint (.pth.tar / .pth from timm train scripts, or .safetensors)')
 parser.add_argument('--use-ema', dest='use_ema', action='store_true',
                     help='use the EMA weights (state_dict_ema) of a .pth.tar checkpoint')
-parser.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='number of data loading workers')
-parser.add_argument('--crop-pct', default=None, type=float, metavar='N', help='input image center crop pct')
-parser.add_argument('--crop-mode', default=None, type=str, metavar='N', help='input image crop mode (center, squash)')
-parser.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override mean pixel value')
-parser.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override std deviation')
-parser.add_argument('--interpolation', default='', type=str, metavar='NAME', help='image resize interpolation type')
-parser.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
-parser.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in the DataLoader')
-parser.add_argument('--log-freq', default=10, type=int, metavar='N', help='batch logging frequency (default: 10)')
+parser.add_argument('-j', '--workers', default=4, type=int, metavar='N',
+                    help='data loader processes (default: 4)')
+parser.add_argument('--crop-pct', default=None, type=float, metavar='N',
+                    help='resize to size / N, then keep the centre size x size (default: the model\'s)')
+parser.add_argument('--crop-mode', default=None, type=str, metavar='N',
+                    help='center: keep the aspect ratio, crop the middle; squash: stretch to the target; border: fit '
+                         'the longest side and pad (default: the model\'s, else center)')
+parser.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN',
+                    help='per-channel mean subtracted from the pixels (default: the model\'s)')
+parser.add_argument('--std', type=float, nargs='+', default=None, metavar='STD',
+                    help='per-channel standard deviation the pixels are divided by (default: the model\'s)')
+parser.add_argument('--interpolation', default='', type=str, metavar='NAME',
+                    help='resize filter, e.g. bilinear or bicubic (default: the model\'s)')
+parser.add_argument('--no-prefetcher', action='store_true', default=False,
+                    help='convert and normalize in the loader workers instead of on the device')
+parser.add_argument('--pin-mem', action='store_true', default=False,
+                    help='page-lock the loader\'s batches (faster copies to a GPU, more host memory)')
+parser.add_argument('--log-freq', default=10, type=int, metavar='N',
+                    help='log a progress line every N batches and after the last one; 0: none (default: 10)')
 parser.add_argument('--device', default=None, type=str,
                     help='device (default: cuda if available, else cpu; with --member-parallel: cuda = '
                          'cuda:LOCAL_RANK)')
@@ -103,10 +119,12 @@ parser.add_argument('--devices', default='', type=str, metavar='DEV[,DEV...]',
                     help='run SplitNet members concurrently, member i on device i mod n (e.g. cuda:0,cuda:1)')
 parser.add_argument('--streams', action='store_true', default=False,
                     help='with --devices: every device slot runs on its own CUDA stream')
-parser.add_argument('--amp', action='store_true', default=False, help='use automatic mixed precision (autocast)')
-parser.add_argument('--amp-dtype', default='float16', type=str, help='lower precision AMP dtype (float16, bfloat16)')
+parser.add_argument('--amp', action='store_true', default=False,
+                    help='mixed precision: run the forward pass under autocast in --amp-dtype')
+parser.add_argument('--amp-dtype', default='float16', type=str,
+                    help='autocast type of --amp: float16 (half) or bfloat16 (default: float16)')
 parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
-                    help='enable compilation w/ specified backend (default: inductor)')
+                    help='torch.compile with this backend (inductor if the flag has no value); not with --devices')
 parser.add_argument('--ensemble', default='all', choices=['all'] + list(ENSEMBLE_MANNERS),
                     help='ensemble manner of top1/top5 (all: the model\'s configured manner, plus all four reported)')
 parser.add_argument('--reliability-plot', default='', type=str, metavar='FILE',
@@ -271,20 +289,10 @@ def _create_loader(args, data_config: Dict[str, Any], device: torch.device):
         raise CliError(f'could not read dataset {args.dataset or "folder"} at {root} (split {args.split}): {e}') from e
     if len(dataset) == 0:
         raise CliError(f'no images in {root} (split {args.split}).')
+    transform_keys = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
     loader = create_loader(
-        dataset,
-        input_size=data_config['input_size'],
-        batch_size=args.batch_size,
-        use_prefetcher=not args.no_prefetcher,
-        interpolation=data_config['interpolation'],
-        mean=data_config['mean'],
-        std=data_config['std'],
-        num_workers=args.workers,
-        crop_pct=data_config['crop_pct'],
-        crop_mode=data_config.get('crop_mode'),
-        pin_memory=args.pin_mem,
-        device=device,
-    )
+        dataset, batch_size=args.batch_size, num_workers=args.workers, pin_memory=args.pin_mem, device=device,
+        use_prefetcher=not args.no_prefetcher, **{k: data_config.get(k) for k in transform_keys})
     return dataset, loader
 
 
@@ -342,6 +350,27 @@ def _plot_reliability(calibration, path: str, model_name: str, configured: str |
     return path
 
 
+# label, format of the last value, format of the running mean
+_PROGRESS_FIELDS = (('Loss', '>7.4f', '>6.4f'), ('Acc@1', '>7.3f', '>7.3f'), ('Acc@5', '>7.3f', '>7.3f'))
+
+
+def progress_line(
+        step: int,
+        num_steps: int,
+        batch_time: AverageMeter,
+        images: int,
+        losses: AverageMeter,
+        top1: AverageMeter,
+        top5: AverageMeter,
+) -> str:
+    """A progress log line; its fields and layout are those of timm's validate.py, so log readers keep working."""
+    parts = [f'Test: [{step:>4d}/{num_steps}]',
+             f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {images / batch_time.avg:>7.2f}/s)']
+    for (label, last_spec, mean_spec), meter in zip(_PROGRESS_FIELDS, (losses, top1, top5)):
+        parts.append(f'{label}: {meter.val:{last_spec}} ({meter.avg:{mean_spec}})')
+    return '  '.join(parts)
+
+
 def validate(args, model_name: Optional[str] = None, reliability_plot: str | None = None) -> Dict[str, Any]:
     """Validate one model; returns the result row (an OrderedDict).
 
@@ -392,7 +421,7 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
     configured = _ensemble_manner(model)
     data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=True)
     gmacs = model_gmacs(model_name, data_config['input_size'], model=model, **kwargs)
-    _logger.info(f'Model {model_name} created, param count: {param_count}, GMACs: {gmacs}')
+    _logger.info(f'{model_name}: {param_count} parameters, {gmacs} GMACs')
 
     plan = None
     if args.member_parallel:  # takes the model apart: this rank keeps its members
@@ -486,12 +515,7 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
                 end = now
                 if args.log_freq and (batch_idx % args.log_freq == 0 or batch_idx == len(loader) - 1):
                     device_meters.sync()  # the one host sync of a log interval
-                    _logger.info(
-                        f'Test: [{batch_idx:>4d}/{len(loader)}]  '
-                        f'Time: {batch_time.val:.3f}s ({batch_time.avg:.3f}s, {batch_size / batch_time.avg:>7.2f}/s)  '
-                        f'Loss: {losses.val:>7.4f} ({losses.avg:>6.4f})  '
-                        f'Acc@1: {top1.val:>7.3f} ({top1.avg:>7.3f})  '
-                        f'Acc@5: {top5.val:>7.3f} ({top5.avg:>7.3f})')
+                    _logger.info(progress_line(batch_idx, len(loader), batch_time, batch_size, losses, top1, top5))
     finally:
         if runner is not None:
             runner.close()

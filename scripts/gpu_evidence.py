@@ -6,10 +6,10 @@
 Parts, in this order, each written to `--out` as soon as it finishes (a run cut short keeps the finished parts):
 
 1. environment (device, versions, CPU count) and the CIFAR-10 JPEG tarball extracted once (`train/`, `test/`);
-2. speed: `benchmark.py` (one process per backend and input group, `--results-file`): WRN-16-8 / WRN-28-10 at
-   S=1/2/4 (32 px, b128) and WRN-50-3 S=1/2 (224 px, b64), train and inference img/s with bf16 AMP and
-   channels_last, backends loop / packed / auto (and packed + torch.compile if the budget allows), each as a ratio to
-   the undivided network of the same run, peak memory;
+2. speed: `benchmark.py` (one process per input group, `--results-file`): WRN-16-8 / WRN-28-10 at S=1/2/4 (32 px,
+   b128) and WRN-50-3 S=1/2 (224 px, b64), train and inference img/s with bf16 AMP and channels_last, backends
+   loop / packed / auto timed in the same paired rounds (and packed + torch.compile in a process of its own if the
+   budget allows), each as the median ratio to the undivided network with its interquartile range, peak memory;
 3. data: `benchmark.py --bench data`, views/s of the CPU multi-view loader and of `--views-on-device`;
 4. accuracy: `train.py` on the CIFAR-10 folder, WRN-16-8 at S=1, 2, 4, one short recipe and seed, epochs scaled to
    the budget: member and ensemble top-1, img/s, epoch time;
@@ -42,6 +42,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # this checkout's timm_splitnet, as the benchmark.py / train.py it runs
+
+from timm_splitnet.utils.benchmarking import Band, row_band  # noqa: E402
 PY = sys.executable
 NUM_CPUS = os.cpu_count() or 1
 
@@ -57,7 +61,7 @@ def full_plan(cpus: int) -> Dict[str, Any]:
                                          'splitnet_wrn28_10_s4'], batch=128, extra=[]),
             dict(name='imagenet224', models=['splitnet_wrn50_3_s2'], batch=64, extra=[]),
         ],
-        backends=['loop', 'packed', 'auto'], compile_backend='packed', warm=10, iters=30,
+        backends=['loop', 'packed', 'auto'], compile_backend='packed', warm=10, iters=30, rounds=10,
         data=dict(views=[2, 4], batch=256, warm=3, iters=20, workers=workers),
         acc=dict(model='splitnet_wrn16_8_s{}', splits=[1, 2, 4], batch=128, lr=0.1, wd=5e-4, workers=workers,
                  max_epochs=30, extra=[], train_images=50000, eval_images=10000),
@@ -70,7 +74,7 @@ def smoke_plan(cpus: int) -> Dict[str, Any]:
     tiny = ['--model-kwargs', 'layers=(1,1,1)']
     return dict(
         speed_groups=[dict(name='cifar32', models=['splitnet_resnet110_s2'], batch=8, extra=tiny)],
-        backends=['loop', 'packed', 'auto'], compile_backend=None, warm=1, iters=2,
+        backends=['loop', 'packed', 'auto'], compile_backend=None, warm=1, iters=2, rounds=2,
         data=dict(views=[2], batch=16, warm=1, iters=2, workers=1),
         acc=dict(model='splitnet_resnet110_s{}', splits=[1, 2, 4], batch=32, lr=0.05, wd=5e-4, workers=0,
                  max_epochs=1, extra=tiny, train_images=300, eval_images=100),
@@ -253,36 +257,37 @@ def _read_rows(path: Path) -> List[Dict[str, Any]]:
     return data.get('results', []) if isinstance(data, dict) else data
 
 
-def speed_command(plan: Dict[str, Any], group: Dict[str, Any], backend: str, results: Path, compile_: bool,
-                  device: str) -> List[str]:
+def speed_command(plan: Dict[str, Any], group: Dict[str, Any], backends: Sequence[str], results: Path,
+                  compile_: bool, device: str) -> List[str]:
+    """One benchmark.py process for a group: its models, their S=1 network and every backend in the same rounds."""
     cmd = [PY, 'benchmark.py', '--model-list', ','.join(group['models']), '--bench', 'both', '-b', group['batch'],
-           '--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--split-backend', backend,
-           '--num-warm-iter', plan['warm'], '--num-bench-iter', plan['iters'], '--device', device,
-           '--results-file', results, '--results-format', 'json', *group['extra']]
+           '--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--split-backend', ','.join(backends),
+           '--num-warm-iter', plan['warm'], '--num-bench-iter', plan['iters'], '--rounds', plan['rounds'],
+           '--device', device, '--results-file', results, '--results-format', 'json', *group['extra']]
     return cmd + (['--torchcompile'] if compile_ else [])
 
 
 def with_ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Add `train_ratio` / `infer_ratio`: img/s of each row over that of the undivided network of its group."""
-    undivided = {}
+    """Add `train_ratio` / `infer_ratio` with `_lo` / `_hi`: the ratio to the undivided network that benchmark.py
+    measured in the same paired rounds (median and interquartile range); 1 for the S=1 rows themselves."""
     for r in rows:
-        if r.get('split_mode') == 'undivided':
-            undivided[r.get('group')] = r
-    for r in rows:
-        base = undivided.get(r.get('group'))
         for kind in ('train', 'infer'):
-            value, ref = r.get(f'{kind}_samples_per_sec'), base and base.get(f'{kind}_samples_per_sec')
-            r[f'{kind}_ratio'] = round(value / ref, 3) if value and ref else None
+            band = row_band(r, f'{kind}_vs_s1')
+            if band is None and r.get('split_factor') == 1 and r.get(f'{kind}_samples_per_sec'):
+                band = Band(1., 1., 1.)
+            r[f'{kind}_ratio'] = band and band.median
+            r[f'{kind}_ratio_lo'], r[f'{kind}_ratio_hi'] = (band.lo, band.hi) if band else (None, None)
     return rows
 
 
 def part_speed(ev: Evidence, plan: Dict[str, Any], part_s: float, device: str) -> None:
-    runs = [(g, b, False) for g in plan['speed_groups'] for b in plan['backends']]
+    runs = [(g, plan['backends'], False) for g in plan['speed_groups']]
     if plan['compile_backend']:
-        runs += [(g, plan['compile_backend'], True) for g in plan['speed_groups']]
+        runs += [(g, [plan['compile_backend']], True) for g in plan['speed_groups']]
     end = time.time() + part_s
-    for i, (group, backend, compile_) in enumerate(runs):
-        name = f'speed_{group["name"]}_{backend}' + ('_compile' if compile_ else '')
+    for i, (group, backends, compile_) in enumerate(runs):
+        backend = ','.join(backends)
+        name = f'speed_{group["name"]}' + ('_compile' if compile_ else '')
         left = end - time.time()
         runs_left = len(runs) - i
         # compiled runs only in what the eager ones leave; each eager run gets its share of the rest
@@ -291,7 +296,7 @@ def part_speed(ev: Evidence, plan: Dict[str, Any], part_s: float, device: str) -
             ev.skip(name, f'budget ({left:.0f}s left in the speed part, {runs_left} run(s) to go)')
             continue
         results = ev.logs / f'{name}.json'
-        step = ev.run(name, speed_command(plan, group, backend, results, compile_, device), timeout)
+        step = ev.run(name, speed_command(plan, group, backends, results, compile_, device), timeout)
         for row in with_ratios(_read_rows(results)):
             row.update(backend_requested=backend, torchcompile=compile_, input_group=group['name'])
             ev.results['speed'].append(row)
@@ -562,6 +567,12 @@ def _fmt(value: Any, fmt: str = '{:.1f}') -> str:
         return str(value)
 
 
+def _ratio(row: Dict[str, Any], kind: str) -> str:
+    """'0.88 (0.85-0.91)': the paired ratio with its interquartile range."""
+    ratio = row_band(row, f'{kind}_ratio')
+    return '-' if ratio is None else (ratio.format() if ratio.lo != ratio.hi else f'{ratio.median:.2f}')
+
+
 def _header(results: Dict[str, Any], title: str) -> List[str]:
     env = results.get('env', {})
     lines = [f'# {title}', '']
@@ -579,20 +590,26 @@ def _header(results: Dict[str, Any], title: str) -> List[str]:
 def benchmarks_md(results: Dict[str, Any]) -> str:
     lines = _header(results, 'Benchmarks: SplitNet speed on one device')
     lines += ['## Speed (benchmark.py, bf16 AMP, channels_last)', '',
-              'Ratio: img/s of the row over the undivided network (`splitnet_<arch>_s1`) measured in the same process. '
-              'A ratio of 1 means the S members cost exactly what the network they replace costs.', '',
+              'Ratio: img/s of the row over the undivided network (`splitnet_<arch>_s1`), taken per round of paired, '
+              'interleaved rounds (every model and backend of a group in each round, the order rotating): the median '
+              'with the interquartile range in brackets. A ratio of 1 means the S members cost exactly what the '
+              'network they replace costs. Noise: how much S=1\'s own train img/s moved between rounds (IQR / '
+              'median).', '',
               '| group | model | S | backend | compile | train img/s | train ratio | infer img/s | infer ratio | '
-              'train peak MiB | infer peak MiB |', '|---|---|---|---|---|---|---|---|---|---|---|']
+              'FLOP bound | rounds | noise | train peak MiB | infer peak MiB |',
+              '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in results['speed']:
         if 'error' in r:
             lines.append(f'| {r.get("input_group")} | {r.get("model", "-")} | - | {r.get("backend_requested")} | '
-                         f'{r.get("torchcompile")} | error: {r["error"]} | | | | | |')
+                         f'{r.get("torchcompile")} | error: {r["error"]} | | | | | | | | |')
             continue
         lines.append(
             f'| {r.get("input_group")} | {r.get("model")} | {r.get("split_factor") or 1} | '
             f'{r.get("split_backend") or r.get("backend_requested")} | {"yes" if r.get("torchcompile") else "no"} | '
-            f'{_fmt(r.get("train_samples_per_sec"))} | {_fmt(r.get("train_ratio"), "{:.3f}")} | '
-            f'{_fmt(r.get("infer_samples_per_sec"))} | {_fmt(r.get("infer_ratio"), "{:.3f}")} | '
+            f'{_fmt(r.get("train_samples_per_sec"))} | {_ratio(r, "train")} | '
+            f'{_fmt(r.get("infer_samples_per_sec"))} | {_ratio(r, "infer")} | '
+            f'{_fmt(r.get("flop_bound_vs_s1"), "{:.2f}")} | {_fmt(r.get("train_rounds"), "{}")} | '
+            f'{_fmt(r.get("train_noise"), "{:.0%}")} | '
             f'{_fmt(r.get("train_peak_mem_mb"), "{:.0f}")} | {_fmt(r.get("infer_peak_mem_mb"), "{:.0f}")} |')
     lines += ['', '## Data loading (benchmark.py --bench data)', '',
               '| S | img | batch | workers | CPU views/s | device views/s | speedup | device |',
@@ -618,10 +635,10 @@ def speed_findings(results: Dict[str, Any]) -> List[str]:
         if r.get('split_mode') != 'sequential' or not r.get('train_ratio'):
             continue
         for kind in ('train', 'infer'):
-            ratio = r.get(f'{kind}_ratio')
-            if ratio is not None and ratio < 0.9:
+            ratio = row_band(r, f'{kind}_ratio')
+            if ratio is not None and ratio.median < 0.9:
                 found.append(f'{r["model"]} ({r.get("split_backend")}{", compiled" if r.get("torchcompile") else ""}) '
-                             f'{kind}s at {ratio:.2f}x the undivided network\'s img/s.')
+                             f'{kind}s at {ratio.format()}x the undivided network\'s img/s.')
     return found
 
 
@@ -675,6 +692,10 @@ def _commands(results: Dict[str, Any], prefixes: Sequence[str]) -> List[str]:
     return lines + ['```']
 
 
+def _backend_label(row: Dict[str, Any]) -> str:
+    return (row.get('split_backend') or '-') + (' +compile' if row.get('torchcompile') else '')
+
+
 def plot_speed(results: Dict[str, Any], path: Path) -> None:
     rows = [r for r in results['speed'] if r.get('split_mode') == 'sequential' and r.get('train_ratio')]
     if not rows:
@@ -685,19 +706,21 @@ def plot_speed(results: Dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, kind in zip(axes, ('train', 'infer')):
         labels = list(dict.fromkeys(r['model'].replace('splitnet_', '') for r in rows))
-        backends = list(dict.fromkeys((r.get('split_backend') or '-') + (' +compile' if r.get('torchcompile') else '')
-                                      for r in rows))
+        backends = list(dict.fromkeys(_backend_label(r) for r in rows))
         width = 0.8 / max(1, len(backends))
         for j, backend in enumerate(backends):
-            values = []
+            values, errors = [], [[], []]
             for label in labels:
-                match = [r.get(f'{kind}_ratio') for r in rows if r['model'].replace('splitnet_', '') == label and
-                         (r.get('split_backend') or '-') + (' +compile' if r.get('torchcompile') else '') == backend]
-                values.append(match[0] if match and match[0] else 0.)
-            ax.bar([i + j * width for i in range(len(labels))], values, width, label=backend)
+                match = [row_band(r, f'{kind}_ratio') for r in rows if r['model'].replace('splitnet_', '') == label
+                         and _backend_label(r) == backend]
+                ratio = match[0] if match and match[0] else Band(0., 0., 0.)
+                values.append(ratio.median)
+                errors[0].append(ratio.median - ratio.lo)
+                errors[1].append(ratio.hi - ratio.median)
+            ax.bar([i + j * width for i in range(len(labels))], values, width, yerr=errors, capsize=2, label=backend)
         ax.axhline(1.0, color='k', lw=0.8, ls='--')
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, rotation=20, fontsize=8)
-        ax.set_title(f'{kind}: img/s relative to the undivided network')
+        ax.set_title(f'{kind}: img/s relative to the undivided network (median, IQR)')
         ax.legend(fontsize=8)
     axes[0].set_ylabel('ratio (1 = same cost)')
     fig.suptitle(f'{results["env"].get("device")}, bf16 AMP, channels_last' +

@@ -20,7 +20,7 @@ import benchmark  # noqa: E402
 
 MODEL = 'splitnet_resnet110_s2'
 TINY_ARGS = ['--model-kwargs', 'layers=(1,1,1)', '--num-classes', '10']
-FAST = ['-b', '2', '--num-warm-iter', '1', '--num-bench-iter', '2', '--device', 'cpu']
+FAST = ['-b', '2', '--num-warm-iter', '1', '--num-bench-iter', '2', '--rounds', '2', '--device', 'cpu']
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
 
@@ -92,6 +92,9 @@ TRAIN_KEYS = ('train_samples_per_sec', 'train_step_time', 'train_step_time_media
               'train_img_size', 'train_peak_mem_mb')
 
 
+RATIO_KEYS = tuple(f'{kind}_vs_s1{end}' for kind in ('infer', 'train') for end in ('', '_lo', '_hi'))
+
+
 # a known cost per member forward: a sleep (no CPU used, so it is the same on a busy machine; threads overlap it)
 MEMBER_DELAY_MS = 40.
 
@@ -112,7 +115,7 @@ def delay_member_forwards(monkeypatch, delay_ms: float = MEMBER_DELAY_MS) -> lis
     return sleeps
 
 
-def test_benchmark_infer_train_concurrent_and_plot(tmp_path, monkeypatch):
+def test_benchmark_infer_train_concurrent_and_plot(tmp_path, monkeypatch, capsys):
     """The timers measure the members' work: with a known delay in every member forward, a sequential step takes
     at least S delays and the undivided network's at least one; the concurrent members (a host thread each) run at
     the same time: their delays overlap."""
@@ -146,6 +149,19 @@ def test_benchmark_infer_train_concurrent_and_plot(tmp_path, monkeypatch):
     overlapping = [any(u != t and a < d and c < b for u, c, d in workers) for t, a, b in workers]
     assert sum(overlapping) >= 0.75 * len(workers), overlapping
     assert rows[1]['param_count'] == rows[2]['param_count']
+    # all three timed in the same 2 paired rounds; the divided rows carry their ratio to S=1 with its band
+    assert all(r['infer_rounds'] == r['train_rounds'] == 2 and r['infer_round_steps'] == 1 for r in rows)
+    assert {r['train_clock'] for r in rows} == {'wall'}  # the concurrent run's host threads: elapsed time for all
+    assert not any(k in rows[0] for k in RATIO_KEYS)
+    for r in rows[1:]:
+        for kind in ('infer', 'train'):
+            assert 0 < r[f'{kind}_vs_s1_lo'] <= r[f'{kind}_vs_s1'] <= r[f'{kind}_vs_s1_hi'], r
+        assert r['flop_bound_vs_s1'] == pytest.approx(rows[0]['infer_gmacs'] / r['infer_gmacs'], abs=1e-3)
+        assert r['infer_noise'] == rows[0]['infer_noise'] >= 0  # S=1's round-to-round spread
+    summary = capsys.readouterr().out.split('--result')[1]  # after the JSON: the table and the verdicts
+    assert 'infer vs S=1' in summary and 'baseline' in summary
+    assert f'resnet110 S=2 (loop) infers at {rows[1]["infer_vs_s1"]:.2f}x' in summary
+    assert 'resnet110 S=2 (loop, concurrent) infers at' in summary
     assert json.loads(out.read_text()) == [dict(r) for r in rows]
     assert png.read_bytes()[:8] == PNG_MAGIC
 
@@ -172,6 +188,14 @@ def test_benchmark_wildcard_csv_and_plain_model(tmp_path):
     assert plain[0]['param_count'] == pytest.approx(11.69, abs=0.01) and plain[0]['infer_gmacs'] > 0
 
 
+def test_benchmark_backends_in_the_same_rounds():
+    rows = benchmark.main(['--model', MODEL, '--bench', 'infer', '--split-backend', 'loop,packed'] + FAST + TINY_ARGS)
+    assert [(r['split_factor'], r['split_backend'], r['split_mode']) for r in rows] == [
+        (1, 'loop', 'undivided'), (2, 'loop', 'sequential'), (2, 'packed', 'sequential')]
+    assert all('infer_vs_s1_lo' in r for r in rows[1:]) and all(r['infer_rounds'] == 2 for r in rows)
+    assert {r['infer_clock'] for r in rows} == {'process_time'}  # one intra-op thread (the module's fixture)
+
+
 def expect_error(argv, *fragments):
     with pytest.raises(SystemExit) as e:
         benchmark.main(argv)
@@ -188,6 +212,7 @@ def test_benchmark_bad_inputs(tmp_path):
     expect_error(['--model', MODEL, '--devices', 'tpu'] + FAST + TINY_ARGS, 'tpu')
     expect_error(['--model', MODEL, '--precision', 'float8'] + FAST, 'float8')
     expect_error(['--model', MODEL, '--split-backend', 'nope'] + FAST + TINY_ARGS, 'nope')
+    expect_error(['--model', MODEL, '--rounds', '0'] + TINY_ARGS, '--rounds')
     expect_error(['--model', MODEL, '--split-backend', 'auto', '--torchcompile', 'eager'] + FAST + TINY_ARGS,
                  '--torchcompile with --split-backend auto')
     expect_error(['--plot-from', str(tmp_path / 'missing.json'), '--plot', str(tmp_path / 'x.png')], 'not found')

@@ -76,7 +76,8 @@ def test_default_comparison_resolution():
     names = benchmark.resolve_default_comparison(args, torch.device('cpu'), benchmark.explicit_dests([]))
     assert names == ['splitnet_wrn16_8_s1', 'splitnet_wrn16_8_s2', 'splitnet_wrn16_8_s4']
     assert (args.img_size, args.batch_size, args.num_classes, args.compare_undivided) == (32, 8, 100, False)
-    assert args.num_warm_iter + args.num_bench_iter <= 5  # about a minute on 2 cores
+    # about a minute on 2 cores: 10 paired rounds of one step per model, one intra-op thread
+    assert (args.num_warm_iter, args.num_bench_iter, args.rounds, args.num_threads) == (1, 10, 10, 1)
 
     argv = ['-b', '3', '--img-size', '64']
     args = benchmark.parser.parse_args(argv)
@@ -87,18 +88,19 @@ def test_default_comparison_resolution():
 
 
 def test_bare_benchmark_prints_the_comparison(capsys):
-    # the no-model path at the smallest size: the same three models, the ratios to S=1
-    rows = benchmark.main(['-b', '1', '--num-warm-iter', '1', '--num-bench-iter', '1', '--device', 'cpu'])
+    # the no-model path at the smallest size: the same three models in paired rounds, the ratios to S=1
+    rows = benchmark.main(['-b', '1', '--num-warm-iter', '1', '--num-bench-iter', '1', '--rounds', '2',
+                           '--device', 'cpu'])
     assert [(r['model'], r['split_factor']) for r in rows] == [
         ('splitnet_wrn16_8_s1', 1), ('splitnet_wrn16_8_s2', 2), ('splitnet_wrn16_8_s4', 4)]
-    assert all(r['infer_img_size'] == 32 and r['infer_batch_size'] == 1 for r in rows)
+    assert all(r['infer_img_size'] == 32 and r['infer_batch_size'] == 1 and r['train_rounds'] == 2 for r in rows)
     for row in rows[1:]:
-        assert row['infer_vs_s1'] == pytest.approx(
-            row['infer_samples_per_sec'] / rows[0]['infer_samples_per_sec'], rel=1e-2)
-        assert row['train_vs_s1'] > 0
-    out = capsys.readouterr().out
-    assert 'Throughput relative to the undivided network' in out
-    assert 'splitnet_wrn16_8_s4 (sequential): inference' in out
+        for kind in ('infer', 'train'):
+            assert 0 < row[f'{kind}_vs_s1_lo'] <= row[f'{kind}_vs_s1'] <= row[f'{kind}_vs_s1_hi']
+        assert row['flop_bound_vs_s1'] == pytest.approx(rows[0]['infer_gmacs'] / row['infer_gmacs'], abs=1e-3)
+    summary = capsys.readouterr().out.split('--result')[1]
+    assert 'FLOP bound' in summary and 'splitnet_wrn16_8_s4' in summary
+    assert f'wrn16_8 S=4 (loop) infers at {rows[2]["infer_vs_s1"]:.2f}x ({rows[2]["infer_vs_s1_lo"]:.2f}-' in summary
 
 
 # ----- the data folder: positional DIR or --data-dir -----

@@ -76,12 +76,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """--model (or a wildcard), --model-list, --model-kwargs, --num-classes, --split-backend."""
     group = parser.add_argument_group('Model')
     group.add_argument('--model', '-m', metavar='NAME', default=None,
-                       help='model architecture, or a wildcard (e.g. "splitnet_resnet110_s*") for several models')
+                       help='name of the model (timm name or splitnet_<arch>_s<S>); a wildcard such as '
+                            '"splitnet_resnet110_s*" runs every match')
     group.add_argument('--model-list', metavar='FILE_OR_NAMES', default='',
                        help='file with one model name per line, or a comma separated list of names / wildcards')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra model kwargs, e.g. --model-kwargs drop_rate=0.1')
-    group.add_argument('--num-classes', type=int, default=None, help='number classes in dataset')
+    group.add_argument('--num-classes', type=int, default=None,
+                       help='size of the classifier (default: the model\'s own)')
     group.add_argument('--split-backend', default=None, type=str,
                        help='SplitNet member execution backend (e.g. loop)')
     return group
@@ -91,12 +93,14 @@ def add_input_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """-b / --batch-size, --img-size, --input-size, --channels-last."""
     group = parser.add_argument_group('Input')
     group.add_argument('-b', '--batch-size', default=256, type=int, metavar='N',
-                       help='mini-batch size (default: 256)')
+                       help='images per batch (default: 256)')
     group.add_argument('--img-size', default=None, type=int, metavar='N',
-                       help='input image dimension, uses model default')
-    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('D', 'H', 'W'),
-                       help='input all image dimensions (d h w, e.g. --input-size 3 224 224), uses model default')
-    group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+                       help='side of the square input image (default: the model\'s)')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('C', 'H', 'W'),
+                       help='full input shape C H W, e.g. --input-size 3 224 224; wins over --img-size '
+                            '(default: the model\'s)')
+    group.add_argument('--channels-last', action='store_true', default=False,
+                       help='keep model and inputs in the channels_last (NHWC) layout')
     return group
 
 
@@ -106,7 +110,7 @@ def add_results_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup
     group.add_argument('--results-file', default='', type=str, metavar='FILENAME',
                        help='output results file (written by rank 0 only with --member-parallel)')
     group.add_argument('--results-format', default='csv', type=str, choices=['csv', 'json'],
-                       help='format for results file (default: csv)')
+                       help='how --results-file is written: csv (one row per result) or json (a list) (default: csv)')
     return group
 
 

@@ -36,7 +36,9 @@ def _legend(row: Dict[str, Any]) -> str:
 
 
 def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[str] = None) -> str:
-    """Draw latency bars per model and split mode (undivided / sequential / concurrent) and save them to `path`.
+    """Draw latency bars per model and split mode (undivided / sequential / concurrent) and save them to `path`;
+    rows with a ratio to S=1 (`infer_vs_s1`, `train_vs_s1` and their `_lo` / `_hi`) add a panel of the ratios with
+    their interquartile ranges.
 
     Args:
         results: `benchmark.py` result rows (`group` or `model`, `split_mode`, `infer_latency_ms` or
@@ -61,6 +63,7 @@ def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[s
         panels.append(('inference latency per image (ms)', _infer_latency))
     if any(_train_step(r) is not None for r in rows):
         panels.append(('train step time (ms)', _train_step))
+    ratio_rows = [r for r in rows if any(r.get(f'{k}_vs_s1') is not None for k in ('infer', 'train'))]
     if not panels:
         raise ValueError('No latency results to plot (expected benchmark rows with infer_* or train_* times).')
 
@@ -71,9 +74,12 @@ def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[s
         members.sort(key=lambda r: _MODE_ORDER.index(r.get('split_mode')) if r.get('split_mode') in _MODE_ORDER else 9)
     max_bars = max(len(m) for m in groups.values())
 
+    num_axes = len(panels) + bool(ratio_rows)
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(max(6., 1.6 + len(groups) * (0.9 + 0.55 * max_bars)) * len(panels), 4.8),
+        1, num_axes, figsize=(max(6., 1.6 + len(groups) * (0.9 + 0.55 * max_bars)) * num_axes, 4.8),
         squeeze=False)
+    if ratio_rows:
+        _ratio_panel(axes[0][-1], ratio_rows)
     width = 0.8 / max_bars
     for ax, (ylabel, value_fn) in zip(axes[0], panels):
         seen_labels = set()
@@ -107,6 +113,37 @@ def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[s
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _ratio_panel(ax, rows: Sequence[Dict[str, Any]]) -> None:
+    """Bars of the throughput ratio to S=1 (median of the paired rounds) with the interquartile range as error bars,
+    inference beside training, and the FLOP bound of each row as a marker."""
+    width = 0.38
+    for k, (kind, color) in enumerate((('infer', '#1f77b4'), ('train', '#ff7f0e'))):
+        xs, med, err = [], [], [[], []]
+        for i, r in enumerate(rows):
+            if r.get(f'{kind}_vs_s1') is None:
+                continue
+            m = float(r[f'{kind}_vs_s1'])
+            xs.append(i + (k - 0.5) * width)
+            med.append(m)
+            err[0].append(m - float(r.get(f'{kind}_vs_s1_lo', m)))
+            err[1].append(float(r.get(f'{kind}_vs_s1_hi', m)) - m)
+        if xs:
+            ax.bar(xs, med, width * 0.92, yerr=err, capsize=3, color=color, label=f'{kind} (median, IQR)')
+    bounds = [(i, float(r['flop_bound_vs_s1'])) for i, r in enumerate(rows) if r.get('flop_bound_vs_s1') is not None]
+    if bounds:
+        ax.plot([b[0] for b in bounds], [b[1] for b in bounds], 'k_', markersize=22, mew=2, label='FLOP bound')
+    ax.axhline(1.0, color='k', lw=0.8, ls='--')
+    labels = []
+    for r in rows:
+        how = [x for x in (r.get('split_backend'), r.get('split_mode')) if x and x not in ('sequential',)]
+        labels.append(f'{str(r.get("model", "")).replace("splitnet_", "")}' + (f'\n{", ".join(how)}' if how else ''))
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=15, ha='right', fontsize=8)
+    ax.set_ylabel('img/s relative to S=1 (paired rounds)')
+    ax.grid(axis='y', alpha=0.3)
+    ax.legend(fontsize=8)
 
 
 # ----- training curves -----

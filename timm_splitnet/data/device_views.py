@@ -89,9 +89,9 @@ class DeviceViewAugment:
             padding: Zero padding on each side ('pad').
             scale: Area fraction range of the crop ('rrc').
             ratio: Aspect ratio range of the crop ('rrc').
-            hflip: Horizontal flip probability.
-            vflip: Vertical flip probability.
-            re_prob: Random-erasing probability per view.
+            hflip: Chance of a left-right flip.
+            vflip: Chance of an upside-down flip.
+            re_prob: Chance that a view is erased, drawn for every view.
             re_mode: Erasing fill: 'const' (0 after normalisation), 'rand' (normal per box), 'pixel' (per pixel).
             re_count: Largest number of boxes (drawn uniformly in 1..re_count).
             re_scale: Box area fraction range (default: CIFAR's box in 'pad' mode, timm's (0.02, 1/3) else).

@@ -170,16 +170,16 @@ def transforms_cifar_train(
     Args:
         img_size: Output size.
         padding: Zero padding on each side before the random crop.
-        hflip: Horizontal flip probability.
+        hflip: Chance of a left-right flip.
         auto_augment: Optional auto-augment string (see :func:`create_auto_augment`).
         interpolation: Interpolation of auto-augment geometric ops.
-        mean: Normalization mean.
-        std: Normalization std.
-        re_prob: Random-erasing probability (ignored with the prefetcher, which erases on the device).
-        re_scale: Random-erasing area fraction range.
-        re_ratio: Random-erasing aspect ratio range.
-        re_mode: Random-erasing fill mode ('const' = mean pixel).
-        re_count: Maximum number of erased boxes.
+        mean: Per-channel mean subtracted from the 0..1 pixels.
+        std: Per-channel std the pixels are then divided by.
+        re_prob: Chance of erasing (ignored with the prefetcher, which erases on the device).
+        re_scale: Range of the erased box's area, as a fraction of the image.
+        re_ratio: Range of the erased box's aspect ratio.
+        re_mode: Fill of the erased boxes ('const' = mean pixel).
+        re_count: Most boxes erased in one image.
         use_prefetcher: Output a uint8 CHW tensor and leave normalization and erasing to timm's ``PrefetchLoader``.
     """
     tfl = [transforms.RandomCrop(_to_size(img_size), padding=padding, pad_if_needed=True)]
@@ -236,13 +236,13 @@ def create_train_transform(
         train_crop_mode: 'pad' for the CIFAR recipe; otherwise passed to ``timm.data.create_transform``.
         auto_augment: timm ``--aa`` string or 'cifar10' / 'svhn' (torchvision policies, both pipelines).
         use_prefetcher: uint8 output, normalization and erasing done by timm's ``PrefetchLoader``.
-        mean: Normalization mean.
-        std: Normalization std.
+        mean: Per-channel mean subtracted from the 0..1 pixels.
+        std: Per-channel std the pixels are then divided by.
         interpolation: Interpolation (auto-augment ops; also resizing in timm's pipeline).
-        hflip: Horizontal flip probability.
-        re_prob: Random-erasing probability.
-        re_mode: Random-erasing fill mode.
-        re_count: Maximum number of erased boxes.
+        hflip: Chance of a left-right flip.
+        re_prob: Chance of erasing.
+        re_mode: Fill of the erased boxes ('const', 'rand' or 'pixel').
+        re_count: Most boxes erased in one image.
         padding: Crop padding of the 'pad' mode.
         re_scale: Random-erasing area range of the 'pad' mode (default ``CIFAR_RE_SCALE``); timm's default box
             (0.02, 1/3) elsewhere.

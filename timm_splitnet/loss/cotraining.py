@@ -136,7 +136,7 @@ class CoTrainingLoss(nn.Module):
                 target kind. None picks cross-entropy / label smoothing / soft-target cross-entropy per target.
             cot_weight: Weight of the co-training term after warm-up (paper: 0.5).
             cot_loss: 'js' (Jensen-Shannon divergence, paper default) or 'kl' (pairwise KL with detached peers).
-            warmup_epochs: Epochs of linear warm-up of the co-training weight (reference: 40 CIFAR, 60 ImageNet).
+            warmup_epochs: Epochs in which the co-training weight ramps up linearly (reference: 40 CIFAR, 60 ImageNet).
             smoothing: Label smoothing of the default hard-label criterion; ignored with ``base_criterion``.
         """
         super().__init__()

@@ -68,8 +68,8 @@ def reset_classifier_head(
 
     Args:
         model: Model with `num_features` and a `global_pool` module; `num_classes` and `head_hidden_size` are set.
-        num_classes: Number of classes of the new classifier, 0 for none.
-        global_pool: Global pooling type, the current pooling is kept if None.
+        num_classes: Outputs of the new classifier; 0 leaves an identity (pooled features out).
+        global_pool: Pool type of the new head; None keeps the model's present one.
         classifier_attr: Module name of the classifier.
     """
     dd = get_device_dtype(model)
@@ -109,8 +109,8 @@ class CifarBackbone(nn.Module):
 
         Args:
             num_features: Channels of the `forward_features` output.
-            global_pool: Global pooling type.
-            drop_rate: Dropout rate before the classifier.
+            global_pool: Pool type, e.g. 'avg', 'max' or 'avgmax'.
+            drop_rate: Dropout probability of the pooled features, in front of the classifier.
         """
         self.num_features = self.head_hidden_size = num_features
         self.global_pool, classifier = create_classifier(
@@ -120,7 +120,7 @@ class CifarBackbone(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Enable or disable gradient checkpointing of the residual blocks (RNG state is replayed)."""
+        """Switch gradient checkpointing of the block stages on or off (RNG state is replayed on recompute)."""
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
@@ -132,8 +132,8 @@ class CifarBackbone(nn.Module):
         """Replace the classifier head.
 
         Args:
-            num_classes: Number of classes of the new classifier, 0 for none.
-            global_pool: Global pooling type, the current pooling is kept if None.
+            num_classes: Outputs of the new classifier; 0 leaves an identity (pooled features out).
+            global_pool: Pool type of the new head; None keeps the present one.
         """
         reset_classifier_head(self, num_classes, global_pool, classifier_attr=self.classifier_attr)
 
@@ -146,7 +146,7 @@ class CifarBackbone(nn.Module):
             module = self.get_submodule(name)
             if getattr(self, 'grad_checkpointing', False) and isinstance(module, nn.Sequential) \
                     and not torch.jit.is_scripting():
-                x = checkpoint_seq(module, x)  # per block, as forward_features
+                x = checkpoint_seq(module, x)  # one checkpoint per block of the stage
             else:
                 x = module(x)
         return x
@@ -163,7 +163,7 @@ class CifarBackbone(nn.Module):
         """Forward features that returns the intermediates of the `feature_info` levels.
 
         Args:
-            x: Input image tensor.
+            x: Images, NCHW.
             indices: Take the last n levels if int, all if None, the listed levels if a sequence.
             norm: Apply the final norm / activation (`final_modules`) to the last level.
             stop_early: Stop after the last requested level.
@@ -173,7 +173,7 @@ class CifarBackbone(nn.Module):
         Returns:
             The `forward_features` output and the list of intermediates, or the intermediates only.
         """
-        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        assert output_fmt == 'NCHW', f"output_fmt {output_fmt!r}: these backbones give NCHW maps only"
         intermediates = []
         num_levels = len(self.feature_levels)
         take_indices, max_index = feature_take_indices(num_levels, indices)
@@ -215,7 +215,7 @@ class CifarBackbone(nn.Module):
             parent, _, attr = name.rpartition('.')
             setattr(self.get_submodule(parent) if parent else self, attr, nn.Sequential())
         if prune_end:
-            # the features now end at the last kept level, the head is sized for the final features so it goes too
+            # num_features follows the new last level; a classifier built for the old width is useless: drop it
             self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
         if prune_head or prune_end:
             self.reset_classifier(0, '')

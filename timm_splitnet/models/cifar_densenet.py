@@ -22,7 +22,7 @@ from timm.models.densenet import DenseBlock, DenseLayer, DenseTransition
 
 from ._cifar_common import CifarBackbone, cifar_cfg, init_weights_cifar
 
-__all__ = ['CifarDenseNet']  # model_registry will add each entrypoint fn to this
+__all__ = ['CifarDenseNet']  # timm's @register_model appends the entrypoints
 
 
 class CifarDenseNet(CifarBackbone):
@@ -50,16 +50,16 @@ class CifarDenseNet(CifarBackbone):
         """
         Args:
             growth_rate: Channels added by each dense layer (k).
-            block_config: Number of dense layers in each of the three blocks.
-            num_classes: Number of classifier classes.
-            in_chans: Number of input image channels.
-            global_pool: Global pooling type.
+            block_config: Dense layers per block (three blocks).
+            num_classes: Size of the classifier output.
+            in_chans: Channels of the input images.
+            global_pool: Pool type of the head, e.g. 'avg', 'max' or 'avgmax'.
             bn_size: Bottleneck width multiplier (the 1x1 conv outputs bn_size * k channels).
             compression: Channel reduction of the transitions (DenseNet-BC: 0.5).
-            act_layer: Activation layer.
-            norm_layer: Normalization layer.
-            drop_rate: Dropout rate before the classifier.
-            proj_drop_rate: Dropout rate after each dense layer.
+            act_layer: Activation name, fused with the norm into one timm norm-act module.
+            norm_layer: Norm name (e.g. 'batchnorm2d') of that norm-act module.
+            drop_rate: Dropout probability of the pooled features, in front of the classifier.
+            proj_drop_rate: Dropout probability of the k new channels of every dense layer.
             drop_path_rate: Not supported (DenseNet has no residual branches), must be 0.
             memory_efficient: Checkpoint the concatenation + bottleneck of each dense layer.
         """
@@ -83,17 +83,11 @@ class CifarDenseNet(CifarBackbone):
 
         # Dense blocks and transitions
         current_stride = 1
+        block_kwargs = dict(
+            bn_size=bn_size, growth_rate=growth_rate, norm_layer=norm_act_layer, drop_rate=proj_drop_rate,
+            grad_checkpointing=memory_efficient, **dd)
         for i, num_layers in enumerate(block_config):
-            block = DenseBlock(
-                num_layers=num_layers,
-                num_input_features=num_features,
-                bn_size=bn_size,
-                growth_rate=growth_rate,
-                norm_layer=norm_act_layer,
-                drop_rate=proj_drop_rate,
-                grad_checkpointing=memory_efficient,
-                **dd,
-            )
+            block = DenseBlock(num_layers=num_layers, num_input_features=num_features, **block_kwargs)
             module_name = f'denseblock{i + 1}'
             self.features.add_module(module_name, block)
             level = ([f'features.transition{i}'] if i else []) + ['features.' + module_name]
@@ -118,7 +112,7 @@ class CifarDenseNet(CifarBackbone):
         self.feature_info += [dict(num_chs=num_features, reduction=current_stride, module='features.norm_final')]
         self.feature_levels += [tuple(level) + ('features.norm_final',)]  # the last level ends with the final norm
 
-        # Head (pooling and classifier)
+        # classifier head: global pool, dropout, linear
         self._init_head(num_features, global_pool=global_pool, drop_rate=drop_rate, **dd)
 
         self.init_weights()
@@ -142,7 +136,7 @@ class CifarDenseNet(CifarBackbone):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Enable or disable gradient checkpointing (memory-efficient dense layers)."""
+        """Switch the memory-efficient mode of every dense layer on or off (its concat + bottleneck recomputed)."""
         for m in self.features.modules():
             if isinstance(m, DenseLayer):
                 m.grad_checkpointing = enable

@@ -120,13 +120,13 @@ class PyramidBottleneck(nn.Module):
     ) -> None:
         """
         Args:
-            in_chs: Input channels.
+            in_chs: Channels coming in.
             planes: Bottleneck width, the block outputs planes * 4 channels.
             stride: Stride of the 3x3 conv (and of the shortcut pooling).
             shakedrop_prob: ShakeDrop probability of this block.
             drop_path: Optional DropPath module on the residual branch.
-            act_layer: Activation layer.
-            norm_layer: Normalization layer.
+            act_layer: Activation module class.
+            norm_layer: Norm module class (BatchNorm2d).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -186,18 +186,18 @@ class CifarPyramidNet(CifarBackbone):
     ) -> None:
         """
         Args:
-            layers: Number of bottleneck blocks in each of the three stages (PyramidNet-272: 30).
+            layers: Bottleneck blocks per stage, three stages (PyramidNet-272: 30 each).
             alpha: Total widening of the bottleneck width over all blocks (added linearly, alpha / sum(layers) per
                 block).
             base_width: Stem output channels and initial bottleneck width.
             shakedrop_prob: ShakeDrop probability of the last block, block l of L gets shakedrop_prob * l / L.
-            num_classes: Number of classifier classes.
-            in_chans: Number of input image channels.
-            act_layer: Activation layer.
-            norm_layer: Normalization layer.
-            global_pool: Global pooling type.
-            drop_rate: Dropout rate before the classifier.
-            drop_path_rate: Stochastic depth rate of the residual branches, increasing linearly per block.
+            num_classes: Size of the classifier output.
+            in_chans: Channels of the input images.
+            act_layer: Activation module class.
+            norm_layer: Norm module class (BatchNorm2d).
+            global_pool: Pool type of the head, e.g. 'avg', 'max' or 'avgmax'.
+            drop_rate: Dropout probability of the pooled features, in front of the classifier.
+            drop_path_rate: Drop-path probability of the last block; it grows linearly from 0 at the first block.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -244,7 +244,7 @@ class CifarPyramidNet(CifarBackbone):
             self.feature_info += [dict(num_chs=in_chs, reduction=net_stride, module=stage_name)]
             self.feature_levels += [(stage_name,)]
 
-        # Final BN-ReLU, head (pooling and classifier)
+        # the pre-activation stack ends in BN-ReLU; then the classifier head
         self.bn_final = norm_layer(in_chs, **dd)
         self.act_final = act_layer(inplace=True)
         self.final_modules = ('bn_final', 'act_final')

@@ -24,7 +24,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, downsample_avg
 
 from ._cifar_common import CIFAR100_MEAN, CIFAR100_STD, CifarBackbone, cifar_cfg, init_weights_cifar
 
-__all__ = ['CifarResNet', 'CIFAR100_MEAN', 'CIFAR100_STD']  # model_registry will add each entrypoint fn to this
+__all__ = ['CifarResNet', 'CIFAR100_MEAN', 'CIFAR100_STD']  # timm's @register_model appends the entrypoints
 
 BlockType = Union[Type[BasicBlock], Type[Bottleneck]]
 
@@ -60,21 +60,21 @@ class CifarResNet(CifarBackbone):
         """
         Args:
             block: Residual block class (timm's `BasicBlock` or `Bottleneck`).
-            layers: Number of blocks in each of the three stages.
-            num_classes: Number of classifier classes.
-            in_chans: Number of input image channels.
+            layers: Blocks per stage (three stages).
+            num_classes: Size of the classifier output.
+            in_chans: Channels of the input images.
             stem_width: Output channels of the stem conv (and base of the stage planes).
             widen_factor: Multiplier of the stage planes (WRN k); the stem is not widened.
             channels: Explicit stage planes, overrides `stem_width * widen_factor * [1, 2, 4]`.
             cardinality: Groups of the 3x3 conv in bottleneck blocks (ResNeXt).
             base_width: Bottleneck width per group, the 3x3 conv width is planes * base_width / 64 * cardinality.
             attn_layer: Attention module after the last BN of each block (e.g. SE), None for none.
-            act_layer: Activation layer.
-            norm_layer: Normalization layer.
-            global_pool: Global pooling type.
-            drop_rate: Dropout rate before the classifier.
-            drop_path_rate: Stochastic depth rate of the residual branches, increasing linearly per block.
-            zero_init_last: Zero-init the last BN of each residual branch.
+            act_layer: Activation module class.
+            norm_layer: Norm module class (BatchNorm2d).
+            global_pool: Pool type of the head, e.g. 'avg', 'max' or 'avgmax'.
+            drop_rate: Dropout probability of the pooled features, in front of the classifier.
+            drop_path_rate: Drop-path probability of the last block; it grows linearly from 0 at the first block.
+            zero_init_last: Start every block's last BN at a zero scale, so each residual branch first adds nothing.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -129,7 +129,7 @@ class CifarResNet(CifarBackbone):
             self.feature_info += [dict(num_chs=outplanes, reduction=net_stride, module=stage_name)]
             self.feature_levels += [(stage_name,)]
 
-        # Head (pooling and classifier)
+        # classifier head: global pool, dropout, linear
         self._init_head(inplanes, global_pool=global_pool, drop_rate=drop_rate, **dd)
 
         self.init_weights(zero_init_last=zero_init_last)
@@ -139,7 +139,7 @@ class CifarResNet(CifarBackbone):
         """Kaiming (fan_out) convs, BN weight 1 / bias 0, fc N(0, 1e-3), optionally zero-init the last BN of blocks.
 
         Args:
-            zero_init_last: Zero-init the last BN in each residual branch.
+            zero_init_last: Set the scale of every block's last BN to zero (residual branches start at zero).
         """
         init_weights_cifar(self, linear_std=1e-3)
         if zero_init_last:

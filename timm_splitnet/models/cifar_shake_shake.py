@@ -20,7 +20,7 @@ from timm.models._manipulate import checkpoint_seq
 from ._backends import register_per_member_function, register_per_member_module
 from ._cifar_common import CifarBackbone, cifar_cfg, init_weights_cifar
 
-__all__ = ['CifarShakeShake', 'ShakeShakeBlock', 'shake_shake']  # model_registry will add each entrypoint fn to this
+__all__ = ['CifarShakeShake', 'ShakeShakeBlock', 'ShakeShake', 'shake_shake']  # @register_model appends the entrypoints
 
 
 class _ShakeShakeFunction(torch.autograd.Function):
@@ -98,11 +98,11 @@ class ShakeShortcut(nn.Module):
     ) -> None:
         """
         Args:
-            in_chs: Input channels.
-            out_chs: Output channels (even).
+            in_chs: Channels coming in.
+            out_chs: Channels going out; even, each 1x1 path makes half of them.
             stride: Subsampling stride.
-            act_layer: Activation layer.
-            norm_layer: Normalization layer.
+            act_layer: Activation module class.
+            norm_layer: Norm module class (BatchNorm2d).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -137,12 +137,12 @@ class ShakeShakeBlock(nn.Module):
     ) -> None:
         """
         Args:
-            in_chs: Input channels.
-            out_chs: Output channels.
+            in_chs: Channels coming in.
+            out_chs: Channels going out.
             stride: Stride of the first conv of each branch.
             drop_path: Optional DropPath module on the mixed residual branches.
-            act_layer: Activation layer.
-            norm_layer: Normalization layer.
+            act_layer: Activation module class.
+            norm_layer: Norm module class (BatchNorm2d).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -199,16 +199,16 @@ class CifarShakeShake(CifarBackbone):
     ) -> None:
         """
         Args:
-            layers: Number of blocks in each of the three stages.
+            layers: Blocks per stage (three stages).
             base_width: Channels of the first stage (b); the stages have [b, 2b, 4b].
             stem_width: Output channels of the stem conv.
-            num_classes: Number of classifier classes.
-            in_chans: Number of input image channels.
-            act_layer: Activation layer.
-            norm_layer: Normalization layer.
-            global_pool: Global pooling type.
-            drop_rate: Dropout rate before the classifier.
-            drop_path_rate: Stochastic depth rate of the residual branches, increasing linearly per block.
+            num_classes: Size of the classifier output.
+            in_chans: Channels of the input images.
+            act_layer: Activation module class.
+            norm_layer: Norm module class (BatchNorm2d).
+            global_pool: Pool type of the head, e.g. 'avg', 'max' or 'avgmax'.
+            drop_rate: Dropout probability of the pooled features, in front of the classifier.
+            drop_path_rate: Drop-path probability of the last block; it grows linearly from 0 at the first block.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -251,7 +251,7 @@ class CifarShakeShake(CifarBackbone):
             self.feature_info += [dict(num_chs=out_chs, reduction=net_stride, module=stage_name)]
             self.feature_levels += [(stage_name,)]
 
-        # Final ReLU, head (pooling and classifier)
+        # the blocks end without an activation: one ReLU, then the classifier head
         self.act_final = act_layer(inplace=True)
         self.final_modules = ('act_final',)
         self._init_head(in_chs, global_pool=global_pool, drop_rate=drop_rate, **dd)

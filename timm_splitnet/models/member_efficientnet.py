@@ -24,7 +24,7 @@ from timm.models.efficientnet import EfficientNet
 from .division import EFFICIENTNET_CHANNELS
 from ._cifar_common import cifar_cfg, reset_classifier_head
 
-__all__ = ['SplitNetEfficientNet', 'EFFICIENTNET_B0_CHANNELS']  # model_registry will add each entrypoint fn to this
+__all__ = ['SplitNetEfficientNet', 'EFFICIENTNET_B0_CHANNELS']  # timm's @register_model appends the entrypoints
 
 # undivided EfficientNet-B0 widths: [stem, 7 stage outputs, head] (the S=1 row of the division tables)
 EFFICIENTNET_B0_CHANNELS = EFFICIENTNET_CHANNELS[1]
@@ -92,8 +92,8 @@ class SplitNetEfficientNet(EfficientNet):
         """Replace the classifier head.
 
         Args:
-            num_classes: Number of classes of the new classifier, 0 for none.
-            global_pool: Global pooling type, the current pooling is kept if None.
+            num_classes: Outputs of the new classifier; 0 leaves an identity (pooled features out).
+            global_pool: Pool type of the new head; None keeps the present one.
         """
         reset_classifier_head(self, num_classes, global_pool, classifier_attr='classifier')
         self.global_pool.train(self.training)
@@ -149,7 +149,7 @@ def _gen_splitnet_efficientnet(
         channel_divisor: Channels are rounded to multiples of this.
         stage_strides: Stride of each of the 7 stages.
         stem_stride: Stride of the stem conv.
-        pretrained: Load pretrained weights.
+        pretrained: Load the weights named by the variant's pretrained cfg.
         **kwargs: `EfficientNet` arguments (num_classes, drop_rate, drop_path_rate, bn_eps, ...).
     """
     round_chs_fn = partial(round_channels, multiplier=channel_multiplier, divisor=channel_divisor)
@@ -175,14 +175,10 @@ def _gen_splitnet_efficientnet(
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
-    return {
-        'url': url, 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'conv_stem', 'classifier': 'classifier',
-        'paper_ids': 'arXiv:2011.14660', 'paper_name': 'SplitNet: Divide and Co-training',
-        **kwargs,
-    }
+    imagenet = dict(
+        num_classes=1000, input_size=(3, 224, 224), pool_size=(7, 7), crop_pct=0.875, interpolation='bicubic',
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD)
+    return _cifar_cfg(url, **{**imagenet, **kwargs})  # the CIFAR cfg's keys, with ImageNet values
 
 
 def _cifar_cfg(url: str = '', **kwargs) -> Dict[str, Any]:

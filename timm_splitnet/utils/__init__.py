@@ -1,5 +1,5 @@
 """ Small helpers: safetensors weights and atomic writes, exact-resume training state, parameter / MAC counts,
-calibration and ensemble diversity metrics """
+calibration and ensemble diversity metrics; `benchmarking` (paired timing rounds) is imported on its own """
 from .batch import prepare_batch
 from .checkpoint import atomic_save, export_model, load_safetensors, save_safetensors, weights_metadata
 from .flops import count_macs, count_params
