@@ -131,8 +131,8 @@ def test_benchmark_member_parallel_row(tmp_path, monkeypatch):
     monkeypatch.setenv('SPLITNET_TEST_SLEEP_LOG', str(tmp_path / 'sleeps'))
     output = torchrun(
         'tests/delayed_members.py', str(MEMBER_DELAY_MS), 'benchmark.py', '--', '--model', MODEL, '--bench', 'both',
-        '-b', '2', '--num-warm-iter', '1', '--num-bench-iter', '3', '--split-backend', 'loop', '--results-file',
-        str(out), '--results-format', 'json', *TINY_ARGS, cwd=tmp_path)
+        '-b', '2', '--num-warm-iter', '1', '--num-bench-iter', '3', '--split-backend', 'loop', '--clock', 'wall',
+        '--results-file', str(out), '--results-format', 'json', *TINY_ARGS, cwd=tmp_path)  # wall: sleeps count
     assert output.count('--result') == 1, output[-4000:]
     rows = json.loads(out.read_text())
     assert [(r['model'], r['split_mode']) for r in rows] == [
@@ -142,6 +142,7 @@ def test_benchmark_member_parallel_row(tmp_path, monkeypatch):
         2, 'cpu,cpu', 2, 'loop', MODEL)
     assert mp['infer_batch_size'] == 2
     for r, delays in ((undivided, 1), (sequential, 2), (mp, 1)):  # member forwards one after the other per step
+        assert r['infer_clock'] == r['train_clock'] == 'wall'
         for bench in ('infer', 'train'):
             assert r[f'{bench}_step_time_median'] >= delays * MEMBER_DELAY_MS, (r['split_mode'], bench)
             assert 0 < r[f'{bench}_samples_per_sec'] <= 2 / (delays * MEMBER_DELAY_MS / 1000.), (r['split_mode'], bench)
