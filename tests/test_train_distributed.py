@@ -34,7 +34,7 @@ def test_ddp_two_cpu_processes(image_folder, tmp_path):
     proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert 'distributed mode with 2 processes' in output
+    assert '2 distributed training processes' in output
     out = tmp_path / 'ddp'
     with open(out / 'summary.csv', newline='') as f:
         rows = list(csv.DictReader(f))

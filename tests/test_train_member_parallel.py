@@ -165,7 +165,7 @@ def mp_alike(image_folder, tmp_path_factory):
     proc, output, _ = _torchrun('--data-dir', image_folder, *ALIKE, '--output', out, '--experiment', 'mp',
                                 '--member-parallel', cwd=out)
     assert proc.returncode == 0, output[-4000:]
-    assert 'member-parallel mode with 2 processes' in output and 'member(s) [0] of S=2' in output
+    assert '2 member-parallel training processes' in output and 'member(s) [0] of S=2' in output
     return out / 'mp'
 
 
@@ -220,7 +220,7 @@ def initial_state(initial):
 @requires_dist
 def test_member_parallel_run(mp_run):
     folder, output = mp_run
-    assert 'member-parallel mode with 2 processes' in output
+    assert '2 member-parallel training processes' in output
     assert 'member(s) [0] of S=2' in output and 'Final' in output
     rows = _summary(folder)
     assert [r['epoch'] for r in rows] == ['0']
