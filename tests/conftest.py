@@ -12,6 +12,8 @@ copy the folder and add them.
 ``digits8_folder``: the same kind of folder with digits at their native 8x8 pixels, 50 training and 20 validation
 images per class; ``wds_shards`` and ``hf_shards``: its files as webdataset shards and as a Hugging Face data set
 folder, written by ``timm_splitnet.data.write_wds_shards`` / ``write_hf_shards`` (tests/test_streaming.py).
+
+Tests marked ``cuda`` (tests/test_cuda.py and the CUDA cases of other files) skip without a CUDA GPU.
 """
 import os
 from pathlib import Path
@@ -42,6 +44,17 @@ def build_digits_folder(root: Path, train_per_class: int, val_per_class: int, im
                     img = img.convert('L')  # a grayscale file among RGB ones (sorted last in its class)
                 img.save(folder / f'{int(ds.indices[i]):04d}.jpg', quality=95)
     return root
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip on a machine without a CUDA GPU (`python -m pytest -m cuda` runs them on one)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason='needs a CUDA GPU (run `python -m pytest -m cuda` on a GPU machine)')
+    for item in items:
+        if item.get_closest_marker('cuda') is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope='session')

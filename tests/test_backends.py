@@ -2,6 +2,7 @@
 import copy
 import io
 import logging
+from typing import List
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import timm
 import timm_splitnet  # noqa: F401 (registers the SplitNet and CIFAR models)
 from timm_splitnet import SplitNet
 from timm_splitnet.models._backends import SPLIT_BACKENDS, LoopBackend
+from timm_splitnet.models.cifar_pyramidnet import ShakeDrop
+from timm_splitnet.models.cifar_shake_shake import ShakeShake
 from timm_splitnet.parallel import auto, vmap
 from timm_splitnet.parallel.packed import backend as packed_backend
 
@@ -36,7 +39,26 @@ PACKED_FAMILIES = {
     'seresnet110_cifar': ('seresnet110_cifar', 2, dict(stem_width=4)),
     'resnext29_8x64d_cifar': ('resnext29_8x64d_cifar', 2, dict(stem_width=8, cardinality=2, base_width=16)),
     'densenet_bc190_cifar': ('densenet_bc190_cifar', 2, dict(growth_rate=4, block_config=(2, 2, 2))),
+    # random per-member ops in train mode: ShakeDrop (gate per batch, coefficients per sample) and Shake-Shake
+    'pyramidnet272_cifar': ('pyramidnet272_cifar', 2, dict(layers=(1, 1, 1), alpha=8, shakedrop_prob=0.9)),
+    'shake_shake26_2x96d_cifar': ('shake_shake26_2x96d_cifar', 2, dict(layers=(1, 1, 1), base_width=8)),
 }
+RANDOM_MEMBER_OPS = (ShakeDrop, ShakeShake)
+
+
+def seed_random_ops(model: SplitNet, seed: int) -> List[torch.Generator]:
+    """Give every ShakeDrop / Shake-Shake layer of every member its own generator, seeded by (seed, member, layer).
+
+    Both backends then draw the same coefficients for member i's layer l, whatever order they run the layers in
+    (the loop: member by member; packed: layer by layer, member i's own module on member i's channels).
+    """
+    generators = []
+    for i, member in enumerate(model.models):
+        layers = [m for m in member.modules() if isinstance(m, RANDOM_MEMBER_OPS)]
+        for j, layer in enumerate(layers):
+            layer.generator = torch.Generator().manual_seed(10_000 * seed + 100 * i + j)
+            generators.append(layer.generator)
+    return generators
 
 
 def make_pair(member, split_factor, member_kwargs, backend='packed', num_classes=5, dtype=torch.float64, **kwargs):
@@ -75,17 +97,26 @@ def inputs(split_factor, shared, batch=4, size=32, dtype=torch.float64):
 
 @pytest.mark.parametrize('family', list(PACKED_FAMILIES))
 def test_packed_matches_loop(family):
+    """Train mode (outputs, every gradient, BN statistics) and eval mode; ShakeDrop and Shake-Shake draw their random
+    coefficients from per-layer generators seeded alike in both models, so both backends draw the same numbers."""
     member, split_factor, kwargs = PACKED_FAMILIES[family]
     model, ref = make_pair(member, split_factor, kwargs)
-    assert model.split_backend.supports(model.models, [inputs(split_factor, True)] * split_factor), family
     params = dict(model.named_parameters())
     ref_params = dict(ref.named_parameters())
     # train: outputs, gradients of every member parameter, and BN statistics over a few steps, both input kinds
     model.train()
     ref.train()
+    for shared in (False, True):  # the members really run packed in train mode (no fallback to the loop)
+        assert model.split_backend.supports(model.models, [inputs(split_factor, shared)] * split_factor), family
     for step, shared in enumerate((False, True, False)):
         x = inputs(split_factor, shared, batch=4 + step)
+        generators, ref_generators = seed_random_ops(model, step), seed_random_ops(ref, step)
+        start = [g.get_state() for g in generators]
         out, ref_out = model(x), ref(x)
+        # every member's random layer drew in both models, and drew as many numbers in each
+        assert [torch.equal(g.get_state(), r.get_state()) for g, r in zip(generators, ref_generators)] == \
+            [True] * len(generators)
+        assert not any(torch.equal(g.get_state(), s) for g, s in zip(generators, start))
         assert out.shape == ref_out.shape == (split_factor, x.shape[0], 5)
         assert_close(out, ref_out, what=f'{family} train output (shared={shared})')
         w = torch.randn_like(out)
@@ -174,33 +205,27 @@ def test_packed_dropout_and_drop_path_are_per_member():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_shake_shake_packs_eval_and_trains():
-    kwargs = dict(layers=(1, 1, 1), base_width=8)
-    model, ref = make_pair('shake_shake26_2x96d_cifar', 2, kwargs)
-    model.eval()
-    ref.eval()
-    x = inputs(2, False)
-    with torch.no_grad():
-        assert_close(model.forward_members(x), ref.forward_members(x), what='shake-shake eval')
-    assert model.split_backend.supports(model.models, list(x.chunk(2, dim=1)))
-    model.train()
-    out = model(x)
-    assert out.shape == (2, 4, 5)
-    out.sum().backward()
-    assert all(p.grad is not None for p in model.parameters())
-
-
-def test_pyramidnet_packs(caplog):
-    kwargs = dict(layers=(1, 1, 1), alpha=8, shakedrop_prob=0.)
+@pytest.mark.parametrize('family', ['pyramidnet272_cifar', 'shake_shake26_2x96d_cifar'])
+def test_shakedrop_and_shake_shake_draw_per_member(family, caplog):
+    """Unseeded (torch's global stream), packed members with the same weights on the same image still differ in
+    train mode: each member draws its own ShakeDrop / Shake-Shake coefficients; in eval mode they agree."""
+    member, split_factor, kwargs = PACKED_FAMILIES[family]
     with caplog.at_level(logging.INFO, logger=packed_backend.__name__):
-        model, ref = make_pair('pyramidnet272_cifar', 2, kwargs)
-    model.eval()
-    ref.eval()
-    x = inputs(2, False)
-    with torch.no_grad():
-        assert_close(model.forward_members(x), ref.forward_members(x), what='pyramidnet eval')
-    assert model.split_backend.supports(model.models, list(x.chunk(2, dim=1)))
+        model, _ = make_pair(member, split_factor, kwargs)
+        model.models[1].load_state_dict(model.models[0].state_dict())
+        x = inputs(split_factor, True)
+        model.eval()
+        with torch.no_grad():
+            out = model.forward_members(x)
+        assert_close(out[1], out[0], what=f'{family} eval')
+        model.train()
+        torch.manual_seed(0)
+        out = model.forward_members(x)
     assert "runs with 'loop'" not in caplog.text
+    assert (out[0] - out[1]).abs().max() > 1e-3 * out[0].abs().max()
+    # and the draws follow torch's seed: the same seed, the same member outputs (train-mode BN: batch statistics)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.forward_members(x)[0], out[0], rtol=0, atol=0)
 
 
 # ----- fallback, selection, caching -----

@@ -1,6 +1,7 @@
 """benchmark.py, the concurrent member runner and the latency plot (CPU, tiny batches, a few iterations)."""
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,10 @@ def test_concurrent_members_grad_and_autocast():
 
 def test_parse_devices_errors():
     assert parse_devices('cpu, cpu') == [torch.device('cpu')] * 2
-    for bad in ('tpu', 'cuda:99', 'cpu,cuda:99', ''):
-        with pytest.raises(ValueError):
+    no_cuda_99 = r"Device 'cuda:99' (requested but CUDA is not available|does not exist)"  # with or without a GPU
+    for bad, message in (('tpu', r"'tpu' is not a torch device"), ('cuda:99', no_cuda_99),
+                         ('cpu,cuda:99', no_cuda_99), ('', 'at least one device')):
+        with pytest.raises(ValueError, match=message):
             parse_devices(bad)
     with pytest.raises(TypeError, match='SplitNet'):
         ConcurrentMembers(timm.create_model('resnet18'), ['cpu'])
@@ -92,21 +95,59 @@ TRAIN_KEYS = ('train_samples_per_sec', 'train_step_time', 'train_step_time_media
 RATIO_KEYS = tuple(f'{kind}_vs_s1{end}' for kind in ('infer', 'train') for end in ('', '_lo', '_hi'))
 
 
-def test_benchmark_infer_train_concurrent_and_plot(tmp_path, capsys):
+# a known cost per member forward: a sleep (no CPU used, so it is the same on a busy machine; threads overlap it)
+MEMBER_DELAY_MS = 40.
+
+
+def delay_member_forwards(monkeypatch, delay_ms: float = MEMBER_DELAY_MS) -> list:
+    """Every CIFAR ResNet member forward (the members of splitnet_resnet110_s*) first sleeps `delay_ms`; returns the
+    list the sleeps are recorded in, as (thread id, start, end)."""
+    import threading
+    from timm_splitnet.models.cifar_resnet import CifarResNet
+    forward, sleeps = CifarResNet.forward, []
+
+    def delayed_forward(self, x):
+        start = time.perf_counter()
+        time.sleep(delay_ms / 1000.)
+        sleeps.append((threading.get_ident(), start, time.perf_counter()))
+        return forward(self, x)
+    monkeypatch.setattr(CifarResNet, 'forward', delayed_forward)
+    return sleeps
+
+
+def test_benchmark_infer_train_concurrent_and_plot(tmp_path, monkeypatch, capsys):
+    """The timers measure the members' work: with a known delay in every member forward, a sequential step takes
+    at least S delays and the undivided network's at least one; the concurrent members (a host thread each) run at
+    the same time: their delays overlap."""
+    import threading
     out = tmp_path / 'results.json'
     png = tmp_path / 'latency.png'
-    rows = benchmark.main(['--model', MODEL, '--bench', 'both', '--devices', 'cpu,cpu', '--results-file', str(out),
-                           '--results-format', 'json', '--plot', str(png)] + FAST + TINY_ARGS)
+    sleeps = delay_member_forwards(monkeypatch)
+    rows = benchmark.main(['--model', MODEL, '--bench', 'both', '--devices', 'cpu,cpu', '--split-backend', 'loop',
+                           '--results-file', str(out), '--results-format', 'json', '--plot', str(png)]
+                          + FAST + TINY_ARGS)
     assert [(r['model'], r['split_mode']) for r in rows] == [
         ('splitnet_resnet110_s1', 'undivided'), (MODEL, 'sequential'), (MODEL, 'concurrent')]
     for r in rows:
         for key in INFER_KEYS + TRAIN_KEYS + ('param_count', 'split_mode', 'split_factor', 'split_backend', 'group'):
             assert key in r, key
-        assert r['infer_samples_per_sec'] > 0 and r['train_samples_per_sec'] > 0
         assert r['infer_batch_size'] == 2 and r['infer_img_size'] == 32 and r['infer_gmacs'] > 0
         assert r['infer_peak_mem_mb'] is None and r['group'] == MODEL  # CPU: no peak memory
-        assert r['infer_step_time_median'] == pytest.approx(r['infer_latency_ms'] * 2, rel=1e-3)
     assert [r['split_factor'] for r in rows] == [1, 2, 2] and rows[2]['devices'] == 'cpu,cpu'
+    undivided, sequential, concurrent = rows
+    for r, delays in ((undivided, 1), (sequential, 2), (concurrent, 1)):  # member forwards one after the other
+        for bench in ('infer', 'train'):
+            assert r[f'{bench}_step_time_median'] >= delays * MEMBER_DELAY_MS, (r['split_mode'], bench)
+            assert r[f'{bench}_step_time'] >= delays * MEMBER_DELAY_MS, (r['split_mode'], bench)
+            # images per second: at most the batch over the delays of a step
+            assert 0 < r[f'{bench}_samples_per_sec'] <= 2 / (delays * MEMBER_DELAY_MS / 1000.), (r['split_mode'], bench)
+        assert r['infer_latency_ms'] >= delays * MEMBER_DELAY_MS / 2  # per image of the batch of 2
+    # the concurrent members sleep on their own threads, at the same time (timing-free: the intervals overlap)
+    main = threading.get_ident()
+    workers = [(t, a, b) for t, a, b in sleeps if t != main]
+    assert len({t for t, _, _ in workers}) == 2 and len(workers) >= 2 * 6  # 2 members x (1 + 2 steps) x 2 benches
+    overlapping = [any(u != t and a < d and c < b for u, c, d in workers) for t, a, b in workers]
+    assert sum(overlapping) >= 0.75 * len(workers), overlapping
     assert rows[1]['param_count'] == rows[2]['param_count']
     # all three timed in the same 2 paired rounds; the divided rows carry their ratio to S=1 with its band
     assert all(r['infer_rounds'] == r['train_rounds'] == 2 and r['infer_round_steps'] == 1 for r in rows)

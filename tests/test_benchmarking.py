@@ -124,7 +124,7 @@ def test_device_clock_choice():
         assert clock() >= t0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.cuda
 def test_cuda_event_clock_twice_the_work():
     a = torch.randn(2048, 2048, device='cuda')
 

@@ -231,7 +231,7 @@ def test_drop_path_linear(name):
 
 
 def test_densenet_rejects_drop_path():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match='CifarDenseNet has no residual branches, drop_path_rate must be 0'):
         _meta_model('densenet_bc190_cifar', drop_path_rate=0.1)
 
 

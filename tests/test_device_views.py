@@ -126,11 +126,11 @@ def test_decode_transform_and_bad_arguments():
     assert tuple(create_decode_transform((3, 32, 32), 'pad')(img).shape) == (3, 32, 32)
     out = create_decode_transform((3, 224, 224), 'rrc')(img)
     assert out.dtype == torch.uint8 and tuple(out.shape) == (3, 256, 256)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="crop modes pad and rrc, not 'rkrc'"):
         DeviceViewAugment(2, 32, 'rkrc')
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match='num_views must be >= 1, got 0'):
         DeviceViewAugment(0, 32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r'expected an image batch \[B, C, H, W\], got shape \(3, 32, 32\)'):
         DeviceViewAugment(2, 32)(torch.zeros(3, 32, 32))
 
 
@@ -146,13 +146,61 @@ TINY = ['--model', 'splitnet_resnet110_s2', '--model-kwargs', 'layers=(1,1,1)', 
 
 
 @pytest.mark.slow
-def test_train_views_on_device(image_folder, tmp_path):
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=pytest.mark.cuda)])
+def test_train_views_on_device(image_folder, tmp_path, monkeypatch, device):
+    """train.py --views-on-device: the training steps get the views made on the device from the decoded images
+    (each view a padded crop, maybe flipped, of its own image; the views of an image differ; about half of the views
+    erased, each on its own), and the run trains on them. On CUDA with bfloat16 AMP, as a GPU run would."""
+    from timm_splitnet.task import CoTrainingTask
     train = _train_module()
-    argv = ['--data-dir', str(image_folder), *TINY, '--epochs', '1', '--views-on-device', '--reprob', '0.5',
-            '--mixup', '0.2', '--output', str(tmp_path), '--experiment', 'dv']
+    made, trained_on = [], []
+    augment, forward = DeviceViewAugment.__call__, CoTrainingTask.forward
+
+    def spy_augment(self, images):
+        views = augment(self, images)
+        assert images.device.type == views.device.type == device  # made on the training device
+        made.append((images.cpu(), views.cpu(), self.mean, self.std))
+        return views
+
+    def spy_forward(task, input, target):
+        if task.get_trainable_module().training:
+            trained_on.append(input.cpu())
+        return forward(task, input, target)
+
+    monkeypatch.setattr(DeviceViewAugment, '__call__', spy_augment)
+    monkeypatch.setattr(CoTrainingTask, 'forward', spy_forward)
+    on_device = ['--device', 'cuda', '--amp', '--amp-dtype', 'bfloat16', '--pin-mem'] if device == 'cuda' else []
+    argv = ['--data-dir', str(image_folder), *TINY, *on_device, '--epochs', '1', '--views-on-device', '--reprob',
+            '0.5', '--remode', 'const', '--mixup', '0.2', '--output', str(tmp_path), '--experiment', 'dv']
     assert train.main(argv) == 0
-    summary = (tmp_path / 'dv' / 'summary.csv').read_text().splitlines()
-    assert len(summary) == 2 and math.isfinite(float(summary[1].split(',')[1]))
+    rows = (tmp_path / 'dv' / 'summary.csv').read_text().splitlines()
+    header, values = rows[0].split(','), [float(v) for v in rows[1].split(',')]
+    summary = dict(zip(header, values))
+    assert len(rows) == 2 and math.isfinite(summary['train_loss']) and summary['train_loss_cot'] > 0
+
+    assert len(made) == len(trained_on) == 6  # 200 images, batch 32: every step on the device views
+    erased_views, views_total, differing = 0, 0, 0
+    for (images, views, mean, std), batch in zip(made, trained_on):
+        assert images.dtype == torch.uint8 and images.shape == (32, 3, 32, 32)  # decoded once, not augmented
+        assert torch.equal(batch, views) and views.shape == (2 * 32, 3, 32, 32) and views.dtype == torch.float32
+        pixels = views * (255 * torch.tensor(std).view(1, 3, 1, 1)) + 255 * torch.tensor(mean).view(1, 3, 1, 1)
+        # every crop of the zero-padded image (4 px, offsets 0..8) and its flip: [B, 162, 3, 32, 32]
+        padded = torch.nn.functional.pad(images.float(), (4,) * 4)
+        crops = padded.unfold(2, 32, 1).unfold(3, 32, 1).permute(0, 2, 3, 1, 4, 5).flatten(1, 2)
+        candidates = torch.cat([crops, crops.flip(-1)], dim=1)
+        for i in range(32):
+            pair = []
+            for s in range(2):  # row i + s * B is view s of sample i
+                erased = views[i + s * 32].eq(0).all(0)  # 'const' erasing: 0 after normalisation, no data pixel is
+                erased_views += bool(erased.any())
+                diff = (candidates[i] - pixels[i + s * 32]).abs().masked_fill(erased, 0.).flatten(1).amax(1)
+                assert diff.min() < 0.01, f'view {s} of sample {i} is no padded crop / flip of its image'
+                pair.append(int(diff.argmin()))
+            views_total += 2
+            differing += pair[0] != pair[1]
+    assert 0.3 < erased_views / views_total < 0.7  # --reprob 0.5, drawn per view
+    assert differing > 0.8 * views_total / 2  # each view its own crop and flip
+
     with pytest.raises(SystemExit) as e:
         train.main(argv[:-2] + ['--experiment', 'aa', '--aa', 'rand-m9-mstd0.5'])
     assert '--views-on-device' in str(e.value.code) and '--aa' in str(e.value.code)

@@ -93,12 +93,12 @@ def odd_folder(image_folder, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @requires_dist
 @pytest.mark.parametrize('model,data,batch_size,num_images', [
-    (MODEL, 'cifar', 50, 100),  # member i on rank i
+    (MODEL, 'digits', 50, 100),  # the digits image folder (tests/conftest.py); member i on rank i
     ('splitnet_resnet110_s1', 'odd', 4, 7),  # two replicas of one member, each validating half of the images
 ])
 def test_validate_member_parallel_equals_single_process(
         image_folder, odd_folder, weights, tmp_path, model, data, batch_size, num_images):
-    root = image_folder if data == 'cifar' else odd_folder
+    root = image_folder if data == 'digits' else odd_folder
     argv = [str(root), '--model', model, '--checkpoint', str(weights[model]), '-b', str(batch_size), '-j', '0',
             '--log-freq', '0'] + TINY_ARGS
     out = tmp_path / 'results.json'
@@ -117,23 +117,41 @@ def test_validate_member_parallel_equals_single_process(
         assert mp[key] == single[key], key  # accuracies of members and ensembles, loss, model facts
 
 
+MEMBER_DELAY_MS = 40.
+
+
 @pytest.mark.slow
 @requires_dist
-def test_benchmark_member_parallel_row(tmp_path):
+def test_benchmark_member_parallel_row(tmp_path, monkeypatch):
+    """The member-parallel row times the members on their own processes: with a known delay in every member forward
+    (tests/delayed_members.py), a step takes at least the delays of the members it runs one after the other (two in
+    the sequential row, one per rank in the member-parallel row), and the two ranks' members run at the same time
+    (their delays overlap): the README's latency of one member plus one gather."""
     out = tmp_path / 'results.json'
+    monkeypatch.setenv('SPLITNET_TEST_SLEEP_LOG', str(tmp_path / 'sleeps'))
     output = torchrun(
-        'benchmark.py', '--model', MODEL, '--bench', 'both', '-b', '2', '--num-warm-iter', '0', '--num-bench-iter',
-        '2', '--results-file', str(out), '--results-format', 'json', *TINY_ARGS, cwd=tmp_path)
+        'tests/delayed_members.py', str(MEMBER_DELAY_MS), 'benchmark.py', '--', '--model', MODEL, '--bench', 'both',
+        '-b', '2', '--num-warm-iter', '1', '--num-bench-iter', '3', '--split-backend', 'loop', '--clock', 'wall',
+        '--results-file', str(out), '--results-format', 'json', *TINY_ARGS, cwd=tmp_path)  # wall: sleeps count
     assert output.count('--result') == 1, output[-4000:]
     rows = json.loads(out.read_text())
     assert [(r['model'], r['split_mode']) for r in rows] == [
         ('splitnet_resnet110_s1', 'undivided'), (MODEL, 'sequential'), (MODEL, 'member_parallel')]
-    sequential, mp = rows[1], rows[2]
+    undivided, sequential, mp = rows
     assert (mp['world_size'], mp['devices'], mp['split_factor'], mp['split_backend'], mp['group']) == (
         2, 'cpu,cpu', 2, 'loop', MODEL)
-    assert mp['infer_samples_per_sec'] > 0 and mp['train_samples_per_sec'] > 0
-    assert mp['infer_batch_size'] == 2 and mp['infer_step_time_median'] == pytest.approx(
-        mp['infer_latency_ms'] * 2, rel=1e-3)
+    assert mp['infer_batch_size'] == 2
+    for r, delays in ((undivided, 1), (sequential, 2), (mp, 1)):  # member forwards one after the other per step
+        assert r['infer_clock'] == r['train_clock'] == 'wall'
+        for bench in ('infer', 'train'):
+            assert r[f'{bench}_step_time_median'] >= delays * MEMBER_DELAY_MS, (r['split_mode'], bench)
+            assert 0 < r[f'{bench}_samples_per_sec'] <= 2 / (delays * MEMBER_DELAY_MS / 1000.), (r['split_mode'], bench)
+    # rank 1 holds member 1 and runs only in member-parallel steps: its delays overlap rank 0's (timing-free)
+    sleeps = {rank: [tuple(map(float, line.split()[1:])) for line in (tmp_path / f'sleeps.rank{rank}').open()]
+              for rank in (0, 1)}
+    assert len(sleeps[1]) >= 2 * (1 + 3)  # infer and train: warm-up and timed steps (and the setup's forwards)
+    overlapping = [any(a < d and c < b for c, d in sleeps[0]) for a, b in sleeps[1]]
+    assert sum(overlapping) >= 0.75 * len(overlapping), overlapping
     for key in ('param_count', 'infer_gmacs', 'infer_img_size', 'precision'):
         assert mp[key] == sequential[key], key
     assert 'world_size' not in sequential

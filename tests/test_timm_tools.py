@@ -227,8 +227,10 @@ def test_every_timm_flag_parses():
     args = parser.parse_args(TIMM_FLAGS)
     assert args.data == 'DIR' and args.layer_decay == 0.7 and args.lr_noise == [0.4, 0.9]
     assert args.device_modules == ['json', 'math'] and args.bce_loss and args.eval_metric == 'top5'
-    for flag, values in TIMM_REFUSED.items():
-        parser.parse_args([flag, *values])  # a flag here, refused when the run starts
+    for flag, values in TIMM_REFUSED.items():  # a flag here (timm's command lines parse), refused when the run starts
+        dest = flag.lstrip('-').replace('-', '_')
+        value = getattr(parser.parse_args([flag, *values]), dest)
+        assert value == (type(value)(values[0]) if values else True) != parser.get_default(dest), flag
 
 
 @pytest.mark.parametrize('flag', list(TIMM_REFUSED))
@@ -328,24 +330,78 @@ def test_drop_block_is_refused_clearly():
     assert 'have no DropBlock' in message
 
 
+def _validation_logits_and_digits(model, image_folder):
+    """The ensemble logits of `model` (eval mode) on every validation image of the folder, preprocessed here as the
+    prefetching loader does (uint8 -> float, minus 255 * mean, over 255 * std), and each image's folder (digit)."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import resolve_data_config
+    config = resolve_data_config({}, model=model)
+    mean = torch.tensor([255 * m for m in config['mean']]).view(1, 3, 1, 1)
+    std = torch.tensor([255 * s for s in config['std']]).view(1, 3, 1, 1)
+    files = sorted((image_folder / 'validation').glob('*/*.jpg'))
+    images = torch.stack([torch.from_numpy(np.array(Image.open(f).convert('RGB'))).permute(2, 0, 1) for f in files])
+    model.eval()
+    with torch.no_grad():
+        logits = model(images.float().sub_(mean).div_(std))
+    return logits, torch.tensor([int(f.parent.name) for f in files])
+
+
 @pytest.mark.slow
-def test_train_positional_dir_initial_checkpoint_layer_decay(image_folder, tmp_path):
+def test_train_positional_dir_initial_checkpoint_layer_decay(image_folder, tmp_path, monkeypatch):
+    """--initial-checkpoint: training starts from the file's weights, with --head-init-scale applied to the classifier
+    weights; --class-map: the labels follow the map (the eval loss is the reversed labels' loss, recomputed here);
+    --layer-decay, --lr-base scaling, --bce-loss and the positional data folder."""
+    from timm_splitnet.task import CoTrainingTask
     weights = tmp_path / 'model.safetensors'
     start = _tiny(seed=5)
+    with torch.no_grad():  # a head far from the near-zero initial one: logits that tell the labellings apart
+        for layer in start.get_classifier():
+            layer.weight.normal_(0., 30.)
     save_safetensors(start, str(weights))
     class_map = tmp_path / 'classes.txt'
-    class_map.write_text('\n'.join(str(c) for c in reversed(range(10))))
+    class_map.write_text('\n'.join(str(c) for c in reversed(range(10))))  # folder '9' is class 0, ..., '0' class 9
+    first_weights = []
+    forward = CoTrainingTask.forward
+
+    def spy_forward(task, input, target):  # the weights the first training step starts from
+        if not first_weights:
+            first_weights.append({k: v.detach().clone() for k, v in task.get_trainable_module().state_dict().items()})
+        return forward(task, input, target)
+
+    monkeypatch.setattr(CoTrainingTask, 'forward', spy_forward)
     out = tmp_path / 'out'
     train.main([str(image_folder), '--model', MODEL, '--model-kwargs', 'layers=(1,1,1)', '--initial-checkpoint',
                 str(weights), '--layer-decay', '0.7', '--class-map', str(class_map), '--bce-loss', '-b', '50',
                 '--workers', '0', '--device', 'cpu', '--epochs', '1', '--output', str(out), '--experiment', 'x',
-                '--no-plot', '--head-init-scale', '1.0'])
+                '--no-plot', '--head-init-scale', '0.5'])
     checkpoint = torch.load(out / 'x' / 'last.pth.tar', map_location='cpu', weights_only=True)
     groups = checkpoint['optimizer']['param_groups']
     scales = {round(g['lr_scale'], 6) for g in groups if 'lr_scale' in g}
     assert len(scales) > 2 and max(scales) == 1.0  # per-layer groups, the head at full rate
     assert checkpoint['args']['lr'] == pytest.approx(0.1 * 50 / 128)  # --lr-base scaling
     assert checkpoint['args']['bce_loss'] and checkpoint['args']['data_dir'] == str(image_folder)
+
+    # the starting weights: the file's, the classifier weights times --head-init-scale
+    head_ids = {id(p) for p in start.get_classifier().parameters() if p.ndim > 1}
+    head = {name for name, p in start.named_parameters() if id(p) in head_ids}
+    assert len(head) == 2  # one classifier weight per member
+    assert first_weights and list(first_weights[0]) == list(start.state_dict())
+    for key, value in start.state_dict().items():
+        expected = value * 0.5 if key in head else value
+        torch.testing.assert_close(first_weights[0][key], expected, rtol=0, atol=0, msg=key)
+    fresh = _tiny(seed=42).state_dict()  # what train.py would have started from without the file (--seed 42)
+    assert not torch.equal(fresh['models.0.conv1.weight'], start.state_dict()['models.0.conv1.weight'])
+
+    # the class map: the run's eval loss is the loss of its final weights against the mapped labels (9 - digit)
+    trained = _tiny(seed=0)
+    trained.load_state_dict(checkpoint['state_dict'])
+    logits, digits = _validation_logits_and_digits(trained, image_folder)
+    eval_loss = float(checkpoint['eval_metrics']['loss'])
+    mapped = torch.nn.functional.cross_entropy(logits, 9 - digits).item()
+    unmapped = torch.nn.functional.cross_entropy(logits, digits).item()
+    assert eval_loss == pytest.approx(mapped, rel=1e-5)
+    assert abs(unmapped - mapped) > 1e-3 * mapped, (mapped, unmapped)  # 100 x the tolerance above
 
 
 @pytest.mark.parametrize('num_batches,accum', [(10, 1), (10, 3), (9, 3), (2, 4), (1, 1), (7, 2)])

@@ -1,4 +1,5 @@
-"""validate.py on a small real CIFAR-10 folder (CPU): checkpoints, metrics of members and ensemble manners, errors."""
+"""validate.py on the digits image folder (`image_folder`: scikit-learn's digits as 32x32 JPEGs, tests/conftest.py),
+on the CPU: checkpoints, metrics of members and ensemble manners, errors."""
 import csv
 import json
 import sys
@@ -116,7 +117,7 @@ def test_device_meters_equal_per_batch_average_meters():
                 assert (meter.val, meter.sum, meter.count, meter.avg) == (r.val, r.sum, r.count, r.avg)
 
 
-# ----- end to end on CIFAR-10 images -----
+# ----- end to end on the digits image folder -----
 
 @pytest.fixture(scope='module')
 def sequential_run(image_folder, tiny_weights, tmp_path_factory):

@@ -44,6 +44,7 @@ def shake_drop(
         training: bool = False,
         alpha_range: Tuple[float, float] = (-1., 1.),
         beta_range: Tuple[float, float] = (0., 1.),
+        generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Functional ShakeDrop of a residual branch output `x` (NCHW or any [B, ...] tensor).
 
@@ -53,6 +54,8 @@ def shake_drop(
         training: Apply the stochastic training behaviour; otherwise scale by 1 - p.
         alpha_range: Range of the uniform forward coefficient.
         beta_range: Range of the uniform backward coefficient.
+        generator: Optional generator on `x`'s device to draw the gate and coefficients from (default: torch's
+            global stream).
     """
     if drop_prob == 0.:
         return x
@@ -60,15 +63,19 @@ def shake_drop(
         return x * (1. - drop_prob)
     shape = (x.shape[0],) + (1,) * (x.ndim - 1)
     # one gate per batch, coefficients per sample; all on x's device, no host synchronisation
-    gate = torch.empty((1,) * x.ndim, device=x.device, dtype=x.dtype).bernoulli_(1. - drop_prob)
-    alpha = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(*alpha_range)
-    beta = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(*beta_range)
+    gate = torch.empty((1,) * x.ndim, device=x.device, dtype=x.dtype).bernoulli_(1. - drop_prob, generator=generator)
+    alpha = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(*alpha_range, generator=generator)
+    beta = torch.empty(shape, device=x.device, dtype=x.dtype).uniform_(*beta_range, generator=generator)
     return _ShakeDropFunction.apply(x, gate, alpha, beta)
 
 
 @register_per_member_module
 class ShakeDrop(nn.Module):
-    """ShakeDrop regularization of a residual branch (see `shake_drop`)."""
+    """ShakeDrop regularization of a residual branch (see `shake_drop`).
+
+    `generator` (None: torch's global stream) may be set to a generator on the activations' device to seed this
+    layer's draws on their own; every backend runs each member's own module, so seeded draws do not depend on it.
+    """
 
     def __init__(
             self,
@@ -86,9 +93,10 @@ class ShakeDrop(nn.Module):
         self.drop_prob = drop_prob
         self.alpha_range = alpha_range
         self.beta_range = beta_range
+        self.generator: Optional[torch.Generator] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return shake_drop(x, self.drop_prob, self.training, self.alpha_range, self.beta_range)
+        return shake_drop(x, self.drop_prob, self.training, self.alpha_range, self.beta_range, self.generator)
 
     def extra_repr(self) -> str:
         return f'drop_prob={round(self.drop_prob, 4)}'

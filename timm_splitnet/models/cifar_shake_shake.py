@@ -17,10 +17,10 @@ from timm.layers import DropPath
 from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
 from timm.models._manipulate import checkpoint_seq
 
-from ._backends import register_per_member_function
+from ._backends import register_per_member_function, register_per_member_module
 from ._cifar_common import CifarBackbone, cifar_cfg, init_weights_cifar
 
-__all__ = ['CifarShakeShake', 'ShakeShakeBlock', 'shake_shake']  # timm's @register_model appends the entrypoints
+__all__ = ['CifarShakeShake', 'ShakeShakeBlock', 'ShakeShake', 'shake_shake']  # @register_model appends the entrypoints
 
 
 class _ShakeShakeFunction(torch.autograd.Function):
@@ -44,20 +44,43 @@ class _ShakeShakeFunction(torch.autograd.Function):
 
 
 @register_per_member_function
-def shake_shake(x1: torch.Tensor, x2: torch.Tensor, training: bool = False) -> torch.Tensor:
+def shake_shake(
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        training: bool = False,
+        generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
     """Shake-Shake-Image mixing of two branch outputs (per-sample forward and backward coefficients).
 
     Args:
         x1: Output of the first branch.
         x2: Output of the second branch.
         training: Draw random coefficients; otherwise average the branches.
+        generator: Optional generator on the branches' device to draw the coefficients from (default: torch's
+            global stream).
     """
     if not training:
         return 0.5 * (x1 + x2)
     shape = (x1.shape[0],) + (1,) * (x1.ndim - 1)
-    alpha = torch.rand(shape, device=x1.device, dtype=x1.dtype)
-    beta = torch.rand(shape, device=x1.device, dtype=x1.dtype)
+    alpha = torch.rand(shape, device=x1.device, dtype=x1.dtype, generator=generator)
+    beta = torch.rand(shape, device=x1.device, dtype=x1.dtype, generator=generator)
     return _ShakeShakeFunction.apply(x1, x2, alpha, beta)
+
+
+@register_per_member_module
+class ShakeShake(nn.Module):
+    """The Shake-Shake mixing of a block's two branches (see `shake_shake`), as a parameter-free module.
+
+    `generator` (None: torch's global stream) may be set to a generator on the activations' device to seed this
+    block's draws on their own; every backend runs each member's own module, so seeded draws do not depend on it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.generator: Optional[torch.Generator] = None
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return shake_shake(x1, x2, self.training, self.generator)
 
 
 class ShakeShortcut(nn.Module):
@@ -125,6 +148,7 @@ class ShakeShakeBlock(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.branch1 = self._make_branch(in_chs, out_chs, stride, act_layer, norm_layer, dd)
         self.branch2 = self._make_branch(in_chs, out_chs, stride, act_layer, norm_layer, dd)
+        self.shake = ShakeShake()
         self.drop_path = drop_path if drop_path is not None else nn.Identity()
         if stride != 1 or in_chs != out_chs:
             self.shortcut = ShakeShortcut(in_chs, out_chs, stride, act_layer=act_layer, norm_layer=norm_layer, **dd)
@@ -151,7 +175,7 @@ class ShakeShakeBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = shake_shake(self.branch1(x), self.branch2(x), self.training)
+        out = self.shake(self.branch1(x), self.branch2(x))
         return self.shortcut(x) + self.drop_path(out)
 
 

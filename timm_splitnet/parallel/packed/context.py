@@ -3,7 +3,7 @@
 The rules for modules (`module_rules`) and functions (`function_rules`) read the values of the nodes lowered so far
 from a `LoweringContext`; ops registered as per-member (see `timm_splitnet.models._backends`) run member by member.
 """
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 import torch.fx as fx
@@ -41,14 +41,21 @@ class LoweringContext:
         return [m.get_submodule(target) for m in self.members]
 
 
-def lower_per_member(ctx: LoweringContext, fn: Callable, args: tuple, kwargs: dict) -> Lowered:
-    """Run `fn` on each member's channel block of its packed tensor arguments and concatenate the outputs."""
+def lower_per_member(ctx: LoweringContext, fns: Sequence[Callable], args: tuple, kwargs: dict) -> Lowered:
+    """Run member i's op `fns[i]` on member i's channel block of the packed tensor arguments, concatenate the outputs.
+
+    `fns` holds one callable per member: each member's own module for a per-member module (so the op sees that
+    member's settings and state, e.g. a ShakeDrop `generator`, as in the loop), the same function S times for a
+    per-member function. The members run in order 0..S-1 at every call.
+    """
     S = ctx.split_factor
     values = ctx.values
+    if len(fns) != S:
+        raise Unpackable(f'per-member op has {len(fns)} callables for {S} members')
     packed = [n for n in nodes_in(args, kwargs) if values[n].packed]
     ndim_set = {values[n].ndim for n in packed}
     if len(ndim_set) > 1:
-        raise Unpackable(f'per-member op {getattr(fn, "__name__", fn)} gets packed tensors of different ranks')
+        raise Unpackable(f'per-member op {getattr(fns[0], "__name__", fns[0])} gets packed tensors of different ranks')
     ndim = ndim_set.pop() if ndim_set else None
 
     def member_getter(arg: Any) -> Callable[[Env], list]:
@@ -72,7 +79,7 @@ def lower_per_member(ctx: LoweringContext, fn: Callable, args: tuple, kwargs: di
 
     def make(o: int) -> Step:
         def step(env: Env) -> None:
-            outs = [fn(*a, **k) for a, k in zip(args_g(env), kwargs_g(env))]
+            outs = [fn(*a, **k) for fn, a, k in zip(fns, args_g(env), kwargs_g(env))]
             env[o] = torch.cat(outs, dim=1)
         return step
     return Lowered(make, ValueKind.PACKED, ndim)

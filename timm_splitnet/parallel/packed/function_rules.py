@@ -232,7 +232,7 @@ def lower_function(ctx: LoweringContext, node: fx.Node) -> Lowered:
     """Lower a `call_function` / `call_method` node (Unpackable when it has no packed form)."""
     target = node.target
     if is_per_member_function(target):
-        return lower_per_member(ctx, target, node.args, node.kwargs)
+        return lower_per_member(ctx, [target] * ctx.split_factor, node.args, node.kwargs)
     is_method = node.op == 'call_method'
     name = target_name(node)
     x = node.args[0] if node.args else None

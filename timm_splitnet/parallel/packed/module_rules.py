@@ -210,7 +210,7 @@ def lower_module(ctx: LoweringContext, node: fx.Node) -> Lowered:
     if is_per_member_module(m0):
         if any(True for _ in m0.parameters()):
             raise Unpackable(f'{where} has parameters (per-member ops must be parameter-free)')
-        return lower_per_member(ctx, m0, node.args, node.kwargs)
+        return lower_per_member(ctx, mods, node.args, node.kwargs)  # member i runs its own module
     if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
         raise Unpackable(f'{where} is called with several inputs')
     rule = MODULE_RULES.get(type(m0))
