@@ -54,15 +54,16 @@ from timm.utils import NativeScaler, ParseKwargs, get_outdir, random_seed, updat
 
 from timm_splitnet import divide_weight_decay, export_model  # importing timm_splitnet registers the splitnet_* models
 from timm_splitnet.cli import (
-    CliError, add_member_parallel_args, as_cli_error, autocast_factory, check_compile_backend, check_rank_device,
-    check_torchrun_env, cli_errors, create_model_checked, resolve_amp_dtype, resolve_data_dir, setup_logging,
-    torchrun_rank)
+    CliError, add_member_parallel_args, as_cli_error, autocast_factory, check_compile_backend, check_num_samples,
+    check_rank_device, check_torchrun_env, cli_errors, create_model_checked, positive_int, resolve_amp_dtype,
+    resolve_data_dir, setup_logging, torchrun_rank)
 from timm_splitnet.data import (
-    DeviceViewAugment, DeviceViewLoader, MultiViewDataset, collate_views, create_dataset, create_decode_transform,
-    create_eval_transform, create_random_erasing, create_train_transform)
+    DeviceViewAugment, DeviceViewLoader, MultiViewDataset, collate_views, create_auto_augment, create_dataset,
+    create_decode_transform, create_eval_transform, create_random_erasing, create_train_transform, eval_data_config)
 from timm_splitnet.loss import CoTrainingLoss
 from timm_splitnet.task import (
     CoTrainingTask, DataParallelTraining, MemberParallelTraining, is_splitnet, validate_members)
+from timm_splitnet.task.schedule import lr_warnings, resolve_warmup_lr, restore_scheduler_state
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.models._weights import is_training_checkpoint, load_weights
 from timm_splitnet.utils.train_state import (
@@ -84,15 +85,15 @@ config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE
 # timm's train.py options that have no counterpart here: accepted as keys of a -c file (reported in one warning),
 # never on the command line
 TIMM_ONLY_KEYS = (
-    'train_num_samples', 'val_num_samples', 'input_img_mode', 'input_key', 'target_key', 'dataset_trust_remote_code',
-    'amp_impl', 'tta', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'opt_foreach',
+    'val_num_samples', 'input_img_mode', 'input_key', 'target_key', 'dataset_trust_remote_code',
+    'amp_impl', 'tta', 'wandb_resume_id', 'opt_foreach',
     'lr_decay_fn', 'lr_stable_timescale', 'sched_res_schedule', 'naflex_loader', 'naflex_train_seq_lens',
     'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs', 'naflex_loss_scale', 'kd_model_name',
     'kd_distill_type', 'kd_loss_type', 'kd_alpha', 'kd_temperature', 'kd_token_weight', 'kd_checkpoint',
     'kd_model_kwargs', 'no_aug_train_epochs', 'dist_bn_eps',
     # newer timm train.py options (checked against timm's main-branch train.py): variable resolution / batch size
     # schedules, distillation weights, NaFlex and extra layer-decay / validation-interval knobs
-    'layer_decay_min_scale', 'layer_decay_no_opt_scale', 'val_interval', 'train_img_sizes', 'train_batch_sizes',
+    'layer_decay_no_opt_scale', 'train_img_sizes', 'train_batch_sizes',
     'train_size_probs', 'train_size_schedule', 'train_size_schedule_spread', 'train_size_random_mix',
     'train_batches_per_epoch', 'variable_batch_loss_scale', 'naflex_patchify_channels_first', 'distill_loss_weight',
     'task_loss_weight', 'kd_student_feature_dim', 'kd_teacher_feature_dim', 'kd_token_distill_type',
@@ -127,6 +128,9 @@ def create_parser() -> argparse.ArgumentParser:
                        help='"<type>/<name>": "" for an image folder (default), "torch/cifar10", "torch/cifar100", '
                             '"sklearn/digits" (ships with scikit-learn, needs no folder)')
     group.add_argument('--train-split', metavar='NAME', default='train', help='split to train on (default: train)')
+    group.add_argument('--train-num-samples', type=positive_int, default=None, metavar='N',
+                       help='number of samples of an iterable training set (tfds/, wds/, hfids/), which cannot '
+                            'count them itself')
     group.add_argument('--val-split', metavar='NAME', default='validation',
                        help='split evaluated after every epoch (default: validation; "" for none)')
     group.add_argument('--dataset-download', action='store_true', default=False,
@@ -169,9 +173,9 @@ def create_parser() -> argparse.ArgumentParser:
                        help='per-channel standard deviation the pixels are divided by (default: the model\'s)')
     group.add_argument('--interpolation', default='', type=str, metavar='NAME',
                        help='resize filter of the evaluation images (default: the model\'s)')
-    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
+    group.add_argument('-b', '--batch-size', type=positive_int, default=128, metavar='N',
                        help='images per process and step; a SplitNet sees S views of each (default: 128)')
-    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+    group.add_argument('-vb', '--validation-batch-size', type=positive_int, default=None, metavar='N',
                        help='images per evaluation step (default: --batch-size)')
     group.add_argument('--channels-last', action='store_true', default=False,
                        help='keep activations in the channels_last (NHWC) layout')
@@ -224,8 +228,9 @@ def create_parser() -> argparse.ArgumentParser:
                        help='where to train: cuda, cuda:1, cpu, ... (default: cuda when there is one, else cpu)')
     group.add_argument('--amp', action='store_true', default=False,
                        help='mixed precision: autocast the forward pass (float16 adds a gradient scaler)')
-    group.add_argument('--amp-dtype', default='float16', type=str,
-                       help='lower precision type of --amp: float16 or bfloat16 (default: float16)')
+    group.add_argument('--amp-dtype', default=None, type=str,
+                       help='lower precision type of --amp: float16 or bfloat16 (default: bfloat16 on a CPU, float16 '
+                            'on a GPU)')
     group.add_argument('--model-dtype', default=None, type=str,
                        help='refused: ' + REFUSED['model_dtype'])
     group.add_argument('--no-ddp-bb', action='store_true', default=False,
@@ -269,6 +274,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--layer-decay', type=float, default=None,
                        help='layer-wise LR decay: each layer group from the head down gets this factor once more '
                             '(groups of the members\' group_matcher)')
+    group.add_argument('--layer-decay-min-scale', type=float, default=0., metavar='SCALE',
+                       help='with --layer-decay: the LR factor of the lowest layer groups never drops below this '
+                            '(default: 0, no floor)')
     group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='more optimizer arguments as key=value')
 
@@ -302,8 +310,8 @@ def create_parser() -> argparse.ArgumentParser:
                        help='cyclic schedules: how many cycles (default: 1)')
     group.add_argument('--lr-k-decay', type=float, default=1.0,
                        help='k of the k-decay cosine / poly schedules (default: 1.0)')
-    group.add_argument('--warmup-lr', type=float, default=5e-3, metavar='LR',
-                       help='LR at the start of the warm-up (default: 5e-3)')
+    group.add_argument('--warmup-lr', type=float, default=None, metavar='LR',
+                       help='LR at the start of the warm-up (default: 1e-5 as in timm, at most a tenth of --lr)')
     group.add_argument('--min-lr', type=float, default=1e-4, metavar='LR',
                        help='LR the schedule ends at (default: 1e-4)')
     group.add_argument('--epochs', type=int, default=300, metavar='N', help='run length in epochs (default: 300)')
@@ -411,6 +419,8 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--seed', type=int, default=42, metavar='S', help='seed of every random stream (default: 42)')
     group.add_argument('--worker-seeding', type=str, default='all',
                        help='how loader workers are seeded: "all" (torch, numpy, python) or "part" (torch only)')
+    group.add_argument('--val-interval', type=positive_int, default=1, metavar='N',
+                       help='evaluate after the first epoch, after every N-th and after the last one (default: 1)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
                        help='log the training loss every N batches (default: 50)')
     group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
@@ -435,6 +445,10 @@ def create_parser() -> argparse.ArgumentParser:
                        help='ensemble metric that picks the best epoch: top1 or top5 (default: top1)')
     group.add_argument('--log-wandb', action='store_true', default=False,
                        help='also send the per-epoch metrics to Weights & Biases (needs the wandb package)')
+    group.add_argument('--wandb-project', default=None, type=str, metavar='NAME',
+                       help='--log-wandb: the W&B project of the run (default: --experiment)')
+    group.add_argument('--wandb-tags', default=[], type=str, nargs='+', metavar='TAG',
+                       help='--log-wandb: tags of the W&B run')
     group.add_argument('--no-plot', action='store_true', default=False,
                        help='do not draw curves.png at the end')
 
@@ -458,10 +472,12 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     if unknown:
         raise CliError(f'Config {path} sets unknown option(s): {", ".join(unknown)}.')
     defaults = {a.dest: a.default for a in parser._actions}
-    ignored = sorted(k for k in cfg if k in TIMM_ONLY_KEYS or (k in REFUSED and cfg[k] == defaults[k]))
-    if ignored:
-        _logger.warning(f'Config {path}: ignoring {len(ignored)} timm option(s) that do not apply to this script: '
-                        f'{", ".join(ignored)}.')
+    timm_only = sorted(k for k in cfg if k in TIMM_ONLY_KEYS)
+    if timm_only:
+        _logger.warning(f'Config {path}: ignoring {len(timm_only)} timm option(s) that do not apply to this script: '
+                        f'{", ".join(timm_only)}.')
+    # refused options at their defaults change nothing (every args.yaml of this script holds them): dropped silently
+    ignored = set(timm_only) | {k for k in cfg if k in REFUSED and cfg[k] == defaults[k]}
     return {k: v for k, v in cfg.items() if k in known and k not in ignored}
 
 
@@ -477,6 +493,10 @@ def _check_refused(args, parser: argparse.ArgumentParser) -> None:
         raise CliError(f'--eval-metric {args.eval_metric}: the best epoch is picked by the ensemble\'s top1 or top5.')
     if args.aug_repeats and args.member_parallel:
         raise CliError('--aug-repeats spreads repeats over DDP processes; --member-parallel has none to spread over.')
+    if args.aa:  # a policy string timm cannot read stops here, before any data is loaded
+        with as_cli_error():
+            create_auto_augment(args.aa, 32)
+    check_num_samples('--train-num-samples', args.train_num_samples, args.dataset)
 
 
 def _parse_args(argv=None):
@@ -561,10 +581,12 @@ def _create_datasets(args):
             datasets.append(None)
             continue
         try:
-            repeats = dict(repeats=args.epoch_repeats) if is_training and args.epoch_repeats and not digits else {}
+            train_kwargs = dict(repeats=args.epoch_repeats) if is_training and args.epoch_repeats and not digits else {}
+            if is_training and args.train_num_samples:
+                train_kwargs['num_samples'] = args.train_num_samples
             datasets.append(create_dataset(
                 args.dataset, root=args.data_dir, split=split, is_training=is_training,
-                batch_size=args.batch_size, **kwargs, **repeats))
+                batch_size=args.batch_size, **kwargs, **train_kwargs))
         except (OSError, RuntimeError, ValueError, TypeError, ImportError, AssertionError) as e:
             where = f' in --data-dir {args.data_dir}' if args.data_dir else ''
             raise CliError(f'cannot load the {split!r} split of --dataset {args.dataset!r}{where}: {e}') from e
@@ -812,8 +834,8 @@ def _train(argv=None) -> int:
     else:
         _logger.info(f'Training with a single process on {device}.')
 
-    amp_dtype = resolve_amp_dtype(args.amp_dtype)
-    amp_autocast = autocast_factory(device, amp_dtype if args.amp else None)
+    amp_dtype = resolve_amp_dtype(args.amp_dtype, device) if args.amp else None
+    amp_autocast = autocast_factory(device, amp_dtype)
     random_seed(args.seed, 0)  # every rank builds the model of a single-process run (member-parallel: its members)
 
     # ----- data sets (first: the model's head follows the data set's classes) -----
@@ -846,6 +868,8 @@ def _train(argv=None) -> int:
     # ----- data loaders, mixup, loss, task -----
     loader_train, loader_eval, crop_mode = _create_loaders(
         args, data_config, dataset_train, dataset_eval, num_views, device, parallel)
+    # the input the weights are trained and evaluated at: recorded in every checkpoint and in the export
+    trained_data_config = eval_data_config(data_config, crop_mode)
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
         mixup_fn = Mixup(
@@ -873,11 +897,16 @@ def _train(argv=None) -> int:
         opt_kwargs['betas'] = args.opt_betas
     if args.layer_decay is not None:
         opt_kwargs['layer_decay'] = args.layer_decay
+        if args.layer_decay_min_scale:
+            opt_kwargs['layer_decay_min_scale'] = args.layer_decay_min_scale
     if args.lr is None:
         global_batch = args.batch_size * args.grad_accum_steps * getattr(parallel, 'data_parallel_size', 1)
         args.lr = scaled_lr(args.lr_base, global_batch, args.lr_base_size, args.lr_base_scale, args.opt)
         _logger.info(f'Learning rate {args.lr:.4g}: --lr-base {args.lr_base} at {args.lr_base_size} images, scaled '
                      f'to a global batch of {global_batch}.')
+    args.warmup_lr = resolve_warmup_lr(args.warmup_lr, args.lr)
+    for warning in lr_warnings(args.lr, args.warmup_lr, args.warmup_epochs, args.min_lr):
+        _logger.warning(warning)
     with as_cli_error():  # e.g. --layer-decay on a model without a group_matcher
         optimizer = create_optimizer_v2(
             model, opt=args.opt, lr=args.lr, weight_decay=weight_decay, momentum=args.momentum, **opt_kwargs)
@@ -885,7 +914,7 @@ def _train(argv=None) -> int:
         f'Optimizer {args.opt}: lr {args.lr}, weight decay {weight_decay:.3g} '
         f'({args.weight_decay:g} divided by S={split_factor}: {args.wd_divide}).')
     with as_cli_error():  # --member-parallel refuses float16 AMP with --clip-grad
-        loss_scaler = parallel.create_loss_scaler(device, amp_dtype if args.amp else None, args.clip_grad)
+        loss_scaler = parallel.create_loss_scaler(device, amp_dtype, args.clip_grad)
 
     # ----- resume -----
     checkpoint = None
@@ -921,16 +950,27 @@ def _train(argv=None) -> int:
 
     # ----- LR schedule -----
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=False), updates_per_epoch=updates_per_epoch)
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(args, decreasing_metric=False), updates_per_epoch=updates_per_epoch)
+    except (ValueError, AssertionError) as e:
+        raise CliError(f'cannot build the LR schedule of --sched {args.sched}: {e}') from e
     if checkpoint is not None and not args.no_resume_opt and checkpoint.get('scheduler'):
-        lr_scheduler.load_state_dict(checkpoint['scheduler'])
+        changed = restore_scheduler_state(lr_scheduler, checkpoint['scheduler'])
+        if changed:  # e.g. a larger --epochs: the schedule of this run's settings, as timm's train.py resumes
+            _logger.info(f'--resume: the LR schedule is rebuilt for this run\'s settings ({"; ".join(changed)}).')
     if start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
     _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch.')
+    if start_epoch >= num_epochs:  # before any output folder is made
+        if primary:
+            print(f'nothing to train: the checkpoint is at epoch {start_epoch} of {num_epochs} (pass a larger '
+                  f'--epochs to train on).', flush=True)
+        parallel.finish()
+        return 0
 
     # ----- output -----
     keeper = None
@@ -951,7 +991,8 @@ def _train(argv=None) -> int:
         _logger.info(f'Output folder: {output_dir}')
         if args.log_wandb:
             import wandb
-            wandb.init(project=args.experiment or None, config=_plain(vars(args)))
+            wandb.init(project=args.wandb_project or args.experiment or None, tags=args.wandb_tags or None,
+                       config=_plain(vars(args)))
 
     # the random streams continue exactly where the checkpointed run left them (sampler order, augmentation, mixup)
     if checkpoint is not None and checkpoint.get('rng'):
@@ -964,7 +1005,7 @@ def _train(argv=None) -> int:
             random_seed(args.seed + start_epoch, args.rank)
 
     # ----- epochs -----
-    eval_metrics = None
+    eval_metrics = checkpoint.get('eval_metrics') if checkpoint is not None else None  # the last evaluation's
     best_eval_metrics = None
     if checkpoint is not None and keeper is not None and keeper.best_metric is not None:
         best_eval_metrics = checkpoint.get('best_eval_metrics')
@@ -996,7 +1037,8 @@ def _train(argv=None) -> int:
         parallel.distribute_bn((model, model_ema), args.dist_bn)
 
         metric = None
-        if loader_eval is not None:
+        evaluated = loader_eval is not None and evaluates_after(epoch, args.val_interval, num_epochs)
+        if evaluated:
             eval_metrics = validate_members(
                 model, loader_eval, device=device, amp_autocast=amp_autocast, channels_last=args.channels_last,
                 distributed=args.distributed, log_interval=args.log_interval, forward_members=task.eval_members_fn,
@@ -1019,8 +1061,9 @@ def _train(argv=None) -> int:
         optimizer_state = task.optimizer_state_dict(optimizer)
         if primary:
             lrs = [group['lr'] for group in optimizer.param_groups]
-            update_summary(
-                epoch, train_metrics, eval_metrics, filename=summary_csv, lr=sum(lrs) / len(lrs),
+            update_summary(  # epochs without evaluation: empty eval columns (the CSV keeps one header)
+                epoch, train_metrics, eval_metrics if evaluated else _blank(eval_metrics), filename=summary_csv,
+                lr=sum(lrs) / len(lrs),
                 write_header=not os.path.exists(summary_csv) or os.path.getsize(summary_csv) == 0,
                 log_wandb=args.log_wandb)
             if metric is not None and (keeper.best_metric is None or metric > keeper.best_metric):
@@ -1028,7 +1071,8 @@ def _train(argv=None) -> int:
             state = dict(
                 epoch=epoch, arch=args.model, version=2, args=_plain(vars(args)), **model_state,
                 optimizer=optimizer_state, scheduler=lr_scheduler.state_dict(), num_updates=num_updates,
-                rng=rng_states, eval_metrics=eval_metrics, best_eval_metrics=best_eval_metrics)
+                rng=rng_states, eval_metrics=eval_metrics, best_eval_metrics=best_eval_metrics,
+                data_config=trained_data_config)
             if loss_scaler is not None:
                 state[loss_scaler.state_dict_key] = loss_scaler.state_dict()
             try:
@@ -1049,6 +1093,16 @@ def _train(argv=None) -> int:
         _finish(args, task, keeper, output_dir, summary_csv, best_eval_metrics or eval_metrics)
     parallel.finish()
     return 0
+
+
+def evaluates_after(epoch: int, val_interval: int, num_epochs: int) -> bool:
+    """--val-interval: evaluate after the first epoch, after every `val_interval`-th and after the last. The choice
+    depends on the epoch alone, so that a resumed run evaluates (and draws random numbers) as an uninterrupted one."""
+    return epoch == 0 or (epoch + 1) % val_interval == 0 or epoch + 1 >= num_epochs
+
+
+def _blank(metrics: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    return {k: '' for k in metrics} if metrics else None
 
 
 def _truncate_summary(summary_csv: str, start_epoch: int) -> None:
@@ -1093,7 +1147,7 @@ def _finish(
     checkpoint = load_checkpoint_file(source)
     key = 'state_dict_ema' if ema and 'state_dict_ema' in checkpoint else 'state_dict'
     model = task.full_model(checkpoint[key])
-    weights = export_model(model, output_dir, extra_config=dict(
+    weights = export_model(model, output_dir, data_config=checkpoint.get('data_config'), extra_config=dict(
         source_checkpoint=os.path.basename(source), source_epoch=checkpoint.get('epoch'),
         weights='ema' if key == 'state_dict_ema' else 'model'))
     which = f'{"EMA weights" if key == "state_dict_ema" else "weights"} of epoch {checkpoint.get("epoch")}'
