@@ -47,10 +47,10 @@ from timm_splitnet.data import create_dataset
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.cli import (
     CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
-    check_compile_backend, check_pretrained_classes, cli_session, create_model_checked, expand_model_names,
-    finish_member_parallel, init_member_parallel_checked, model_gmacs, model_kwargs, parse_devices_checked,
-    peek_weights_checked, positive_int, pretrained_path_kwargs, print_results, rank_devices, resolve_amp_dtype,
-    resolve_data_dir, resolve_device_checked, resolve_eval_data_config, set_split_backend,
+    check_compile_backend, check_num_samples, check_pretrained_classes, cli_session, create_model_checked,
+    expand_model_names, finish_member_parallel, init_member_parallel_checked, model_gmacs, model_kwargs,
+    parse_devices_checked, peek_weights_checked, positive_int, print_results, rank_devices, resolve_amp_dtype,
+    resolve_data_dir, resolve_device_checked, resolve_eval_data_config, set_split_backend, weights_classes,
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers
 from timm_splitnet.utils.metrics import ENSEMBLE_MANNERS, CalibrationMeter, EnsembleMetrics
@@ -277,10 +277,12 @@ def check_data_root(args) -> str:
 
 def _create_loader(args, data_config: Dict[str, Any], device: torch.device):
     root = check_data_root(args)
+    check_num_samples('--num-samples', args.num_samples, args.dataset)
     if args.dataset and args.dataset.lower() == 'sklearn/digits':
         options = dict(img_size=data_config['input_size'][-1])  # the size its 8x8 images are rendered at
     else:
-        options = dict(download=args.dataset_download, load_bytes=False, class_map=args.class_map)
+        options = dict(download=args.dataset_download, load_bytes=False, class_map=args.class_map,
+                       input_img_mode='RGB' if data_config['input_size'][0] == 3 else 'L')
         if args.num_samples:
             options['num_samples'] = args.num_samples
     try:
@@ -428,10 +430,18 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
     pretrained = args.pretrained or bool(args.pretrained_path)
     create_kwargs = dict(kwargs)
     weights_file = args.checkpoint or args.pretrained_path  # the weights evaluated (a checkpoint replaces pretrained)
-    shapes, recorded_data_config = peek_weights_checked(weights_file, args.use_ema) if weights_file else ({}, None)
-    if args.pretrained_path:  # built with the file's classifier, never a random one
-        create_kwargs.update(pretrained_path_kwargs(
-            model_name, args.pretrained_path, None if args.checkpoint else shapes, args.num_classes))
+    file_classes, recorded_data_config = None, None
+    if weights_file:  # the model gets the file's classifier, never a random one
+        shapes, recorded_data_config = peek_weights_checked(weights_file, args.use_ema)
+        flag = '--checkpoint' if args.checkpoint else '--pretrained-path'
+        file_classes = weights_classes(model_name, flag, weights_file, shapes, args.num_classes, bool(args.checkpoint))
+        if file_classes is not None:
+            create_kwargs['num_classes'] = file_classes
+    if args.pretrained_path:
+        overlay = dict(file=args.pretrained_path)
+        if file_classes is not None and not args.checkpoint:
+            overlay['num_classes'] = file_classes  # timm keeps a classifier of the cfg's class count
+        create_kwargs['pretrained_cfg_overlay'] = overlay
     elif args.pretrained and not args.checkpoint:
         check_pretrained_classes(model_name, args.num_classes)
     random_seed(args.seed)  # without weights to load: the same random model every run (and on every rank)

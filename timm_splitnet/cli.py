@@ -38,7 +38,7 @@ __all__ = [
     'model_gmacs', 'resolve_device_checked', 'parse_devices_checked',
     'resolve_amp_dtype', 'autocast_factory', 'write_results', 'print_results', 'setup_logging', 'TORCHRUN_ENV',
     'torchrun_rank', 'check_torchrun_env', 'check_rank_device', 'init_member_parallel_checked', 'rank_devices',
-    'finish_member_parallel', 'peek_weights_checked', 'pretrained_path_kwargs', 'check_pretrained_classes',
+    'finish_member_parallel', 'peek_weights_checked', 'weights_classes', 'check_pretrained_classes',
     'resolve_eval_data_config', 'positive_int', 'ITERABLE_DATASETS', 'check_num_samples',
 ]
 
@@ -318,39 +318,47 @@ def _classifier_names(name: str) -> Tuple[Optional[int], Tuple[str, ...]]:
     return cfg.num_classes, names
 
 
-def pretrained_path_kwargs(
+def weights_classes(
         name: str,
+        flag: str,
         path: str,
-        shapes: Optional[Dict[str, Tuple[int, ...]]],
+        shapes: Dict[str, Tuple[int, ...]],
         num_classes: Optional[int],
-) -> Dict[str, Any]:
-    """The `create_model` kwargs that load `--pretrained-path` with the file's own classifier.
+        strict: bool = False,
+) -> Optional[int]:
+    """The class count of the classifier in a weights file (`shapes`: its tensor shapes), which the model must be
+    built with: an evaluation never runs a random classifier.
 
-    timm's pretrained loading drops a classifier whose class count differs from the cfg's; for an evaluation that
-    would leave it random. The model is built with the classes of the file's classifier instead (`shapes`: the file's
-    tensor shapes, None to skip this), and a `--num-classes` that differs from them is refused.
+    timm's pretrained loading drops a classifier whose class count differs from the cfg's, and a model built with
+    the cfg's count cannot take the file's; building it with the file's count avoids both.
+
+    Args:
+        strict: The file is loaded strictly (--checkpoint), which reports a file without the model's classifier
+            itself; timm's pretrained loading (--pretrained-path) would leave a classifier of another class count
+            random instead, so that is refused here.
+
+    Returns:
+        The file's class count, or None when the file has no classifier under the cfg's names (or the model no cfg).
 
     Raises:
-        CliError: --num-classes differs from the file's classifier, or the file has no classifier and --num-classes
-            differs from the model's.
+        CliError: `num_classes` (--num-classes) differs from the file's classifier, or (not `strict`) the file has
+            none and `num_classes` differs from the model's.
     """
-    overlay = dict(file=path)
     cfg_classes, classifiers = _classifier_names(name)
-    if shapes is None or not classifiers:
-        return dict(pretrained_cfg_overlay=overlay)
+    if not classifiers:
+        return None
     found = {shapes[c + '.weight'][0] for c in classifiers if c + '.weight' in shapes}
     if not found:
-        if num_classes is not None and num_classes != cfg_classes:
-            raise CliError(f'--pretrained-path {path} holds no classifier ({classifiers[0]}.weight), so the '
-                           f'{num_classes}-class classifier of --num-classes would stay random in this evaluation; '
-                           f'pass weights that have one (--checkpoint FILE or --pretrained-path FILE).')
-        return dict(pretrained_cfg_overlay=overlay)
+        if not strict and num_classes is not None and num_classes != cfg_classes:
+            raise CliError(f'{flag} {path} holds no classifier ({classifiers[0]}.weight), so the {num_classes}-class '
+                           f'classifier of --num-classes would stay random in this evaluation; pass weights that have '
+                           f'one.')
+        return None
     if len(found) > 1 or (num_classes is not None and num_classes not in found):
-        raise CliError(f'--pretrained-path {path} holds a classifier of {" / ".join(map(str, sorted(found)))} '
-                       f'classes, but --num-classes is {num_classes}: the model would be evaluated with a random '
-                       f'classifier. Leave --num-classes out to evaluate the file\'s classifier.')
-    file_classes = found.pop()
-    return dict(pretrained_cfg_overlay=dict(overlay, num_classes=file_classes), num_classes=file_classes)
+        raise CliError(f'{flag} {path} holds a classifier of {" / ".join(map(str, sorted(found)))} classes, but '
+                       f'--num-classes is {num_classes}: the model would be evaluated with a random classifier. Leave '
+                       f'--num-classes out to evaluate the file\'s classifier.')
+    return found.pop()
 
 
 def check_pretrained_classes(name: str, num_classes: Optional[int]) -> None:
@@ -365,7 +373,7 @@ def check_pretrained_classes(name: str, num_classes: Optional[int]) -> None:
 
 # the command-line options that set each data-config key
 _DATA_CONFIG_OPTIONS = dict(
-    input_size=('img_size', 'input_size'), interpolation=('interpolation',), mean=('mean',), std=('std',),
+    input_size=('img_size', 'input_size', 'in_chans'), interpolation=('interpolation',), mean=('mean',), std=('std',),
     crop_pct=('crop_pct',), crop_mode=('crop_mode',))
 
 
@@ -384,7 +392,23 @@ def resolve_eval_data_config(
     recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in (recorded or {}).items()
                 if k in DATA_CONFIG_KEYS and v is not None}
     cfg = with_data_config(dict(getattr(model, 'pretrained_cfg', None) or {}), recorded)
+    input_size = getattr(args, 'input_size', None)
+    in_chans = input_size[0] if input_size else getattr(args, 'in_chans', None)
+    for key in ('mean', 'std'):
+        given = getattr(args, key, None)
+        if given and in_chans and len(given) not in (1, in_chans):
+            raise CliError(f'--{key} has {len(given)} values for {in_chans} input channels: give one or {in_chans}.')
     data_config = resolve_data_config(vars(args), pretrained_cfg=cfg, model=model, use_test_size=use_test_size)
+    if in_chans and data_config['input_size'][0] != in_chans:  # timm keeps the cfg's channels with --in-chans
+        data_config['input_size'] = (in_chans, *data_config['input_size'][1:])
+    in_chans = data_config['input_size'][0]
+    for key in ('mean', 'std'):
+        values = tuple(data_config[key])
+        if len(values) != in_chans:
+            if in_chans != 1:
+                raise CliError(f'{in_chans} input channels but {len(values)} {key} values (the model\'s): pass '
+                               f'--{key} with {in_chans} values.')
+            data_config[key] = (sum(values) / len(values),)  # grey images: one value for the one channel
     parts = []
     for key, options in _DATA_CONFIG_OPTIONS.items():
         given = any(getattr(args, option, None) not in (None, '') for option in options)
