@@ -33,13 +33,12 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 import timm
-from timm.data import resolve_data_config
 from timm.utils import ParseKwargs
 
 import timm_splitnet  # noqa: F401  registers the splitnet_* models
@@ -48,7 +47,7 @@ from timm_splitnet.cli import (
     CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
     check_compile_backend, cli_session, create_model_checked, expand_model_names, finish_member_parallel,
     init_member_parallel_checked, model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices,
-    resolve_amp_dtype, resolve_device_checked, set_split_backend,
+    resolve_amp_dtype, resolve_device_checked, resolve_eval_data_config, set_split_backend,
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers, cuda_devices, synchronize_devices
 
@@ -217,7 +216,7 @@ class BenchSetup:
                 check_compile_backend(args.torchcompile, self.split_backend)
         self.split_factor = self.model.split_factor if self.is_split else None
         self.param_count = count_params(self.model)
-        data_config = resolve_data_config(vars(args), model=self.model, use_test_size=not args.use_train_size)
+        data_config, _ = resolve_eval_data_config(args, self.model, use_test_size=not args.use_train_size)
         self.input_size = tuple(data_config['input_size'])
         self.num_classes = self.model.num_classes
         self.gmacs = model_gmacs(name, self.input_size, model=self.model, **kwargs)
@@ -428,7 +427,7 @@ def benchmark_model(
         device: torch.device,
         devices: Optional[List[torch.device]],
         cache: Dict[Tuple[str, str], Any],
-        reported: Sequence[str] = (),
+        reported: Collection[str] = (),
 ) -> List[Dict[str, Any]]:
     """The rows of one requested model: undivided / sequential / concurrent / member_parallel as they apply.
 

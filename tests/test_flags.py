@@ -170,6 +170,12 @@ def test_benchmark_flags_reach_the_model_optimizer_and_compiler(monkeypatch):
     rates = [b.drop_path.drop_prob for b in member.modules() if hasattr(b, 'drop_path') and b.drop_path is not None
              and hasattr(b.drop_path, 'drop_prob')]
     assert rates and max(rates) == pytest.approx(0.2 / 2 ** 0.5)  # the undivided rate over sqrt(S)
+    grey = benchmark.BenchSetup(MODEL, 'sequential', benchmark.parser.parse_args(['--model', MODEL, *TINY,
+                                                                                 '--in-chans', '1']),
+                                torch.device('cpu'), None)
+    grey.train(False)
+    with torch.no_grad():
+        assert grey.input(2).shape == (2, 1, 32, 32) and grey.forward(grey.input(2)).shape == (2, 10)
     made = {}
     real = timm.optim.create_optimizer_v2
     monkeypatch.setattr(timm.optim, 'create_optimizer_v2', lambda *a, **kw: made.update(kw) or real(*a, **kw))

@@ -485,7 +485,7 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
     kwargs.pop('pretrained_model_args', None)  # timm >= 1.0.31 hub/local-dir loading
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    if pretrained_cfg is None and variant not in timm.list_models(variant):
+    if pretrained_cfg is None and not timm.is_model(variant):
         pretrained_cfg = splitnet_cfg(arch, split_factor)
         pretrained_cfg['architecture'] = variant
     meta = _safetensors_metadata(overlay.get('file', '')) if pretrained else {}
