@@ -955,6 +955,8 @@ def _train(argv=None) -> int:
             optimizer, **scheduler_kwargs(args, decreasing_metric=False), updates_per_epoch=updates_per_epoch)
     except (ValueError, AssertionError) as e:
         raise CliError(f'cannot build the LR schedule of --sched {args.sched}: {e}') from e
+    if lr_scheduler is None:  # older timm returns no scheduler for a name it does not know
+        raise CliError(f"cannot build the LR schedule of --sched {args.sched}: Unknown scheduler '{args.sched}'.")
     if checkpoint is not None and not args.no_resume_opt and checkpoint.get('scheduler'):
         changed = restore_scheduler_state(lr_scheduler, checkpoint['scheduler'])
         if changed:  # e.g. a larger --epochs: the schedule of this run's settings, as timm's train.py resumes
