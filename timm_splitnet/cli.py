@@ -26,9 +26,8 @@ from .parallel.member_parallel import MemberParallelPlan, MemberParallelSplitNet
 from .task.distributed import select_split_backend
 from .utils.checkpoint import DATA_CONFIG_KEYS, with_data_config
 from .utils.flops import count_macs
-from .models import SplitNet, create_model, member_kwargs
+from .models import SplitNet, create_model, member_kwargs, parse_splitnet_name
 from .models._weights import peek_weights
-from .models import parse_splitnet_name as _parse_splitnet_name
 
 __all__ = [
     'CliError', 'cli_errors', 'as_cli_error', 'cli_session', 'add_model_args', 'add_input_args', 'add_results_args',
@@ -205,11 +204,6 @@ def expand_model_names(model: Optional[str] = None, model_list: str = '') -> Lis
         else:
             out.append(name)
     return list(dict.fromkeys(out))
-
-
-def parse_splitnet_name(name: str) -> Optional[Tuple[str, int]]:
-    """(arch, S) of a `splitnet_<arch>_s<S>` name whose arch is a known SplitNet architecture, else None (any S)."""
-    return _parse_splitnet_name(name)
 
 
 def check_model_name(name: str) -> None:
