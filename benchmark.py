@@ -41,14 +41,14 @@ import time
 from collections import OrderedDict
 from contextlib import nullcontext
 from functools import partial
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.benchmark import set_torch_threads
 
 import timm
-from timm.data import resolve_data_config
+from timm.utils import ParseKwargs
 
 import timm_splitnet  # noqa: F401  registers the splitnet_* models
 from timm_splitnet import SplitNet, count_params, splitnet_name
@@ -56,7 +56,7 @@ from timm_splitnet.cli import (
     CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
     check_compile_backend, cli_session, create_model_checked, expand_model_names, finish_member_parallel,
     init_member_parallel_checked, model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices,
-    resolve_amp_dtype, resolve_device_checked, set_split_backend,
+    resolve_amp_dtype, resolve_device_checked, resolve_eval_data_config, set_split_backend,
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers, cuda_devices, synchronize_devices
 from timm_splitnet.utils.benchmarking import (
@@ -104,8 +104,9 @@ parser.add_argument('--use-train-size', action='store_true', default=False,
                     help='time at the pretrained cfg\'s input_size, not its test_input_size (where one is set)')
 parser.add_argument('--amp', action='store_true', default=False,
                     help='mixed precision: autocast in --amp-dtype, float32 weights (replaces --precision)')
-parser.add_argument('--amp-dtype', default='float16', type=str,
-                    help='autocast type of --amp: float16 (half) or bfloat16 (default: float16)')
+parser.add_argument('--amp-dtype', default=None, type=str,
+                    help='autocast type of --amp: float16 (half) or bfloat16 (default: bfloat16 on a CPU, float16 '
+                         'on a GPU)')
 parser.add_argument('--precision', default='float32', type=str,
                     help='amp / amp_float16 / amp_bfloat16: float32 weights under float16 / bfloat16 autocast; '
                          'float16, bfloat16: weights and inputs in that type (default: float32)')
@@ -114,6 +115,18 @@ parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='
                          'runs')
 parser.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='train benchmark optimizer')
 parser.add_argument('--lr', default=1e-4, type=float, metavar='LR', help='train benchmark learning rate')
+parser.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON',
+                    help='train benchmark: epsilon of an adaptive optimizer (default: the optimizer\'s)')
+parser.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA',
+                    help='train benchmark: betas of an Adam-like optimizer (default: the optimizer\'s)')
+parser.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
+                    help='train benchmark: more optimizer arguments as key=value')
+parser.add_argument('--grad-checkpointing', action='store_true', default=False,
+                    help='recompute activations in the backward pass (every member of a SplitNet)')
+parser.add_argument('--drop-path', type=float, default=None, metavar='PCT',
+                    help='stochastic depth rate of the undivided network, divided by sqrt(S) for each member')
+parser.add_argument('--torchcompile-mode', type=str, default=None,
+                    help='torch.compile mode with --torchcompile, e.g. max-autotune (default: torch\'s)')
 parser.add_argument('--cot-weight', default=0.5, type=float,
                     help='co-training weight of the SplitNet train benchmark loss (default: 0.5)')
 parser.add_argument('--seed', default=42, type=int, help='random seed of weights and inputs')
@@ -225,12 +238,15 @@ class BenchSetup:
         self.seed = args.seed
         self.precision = args.precision
         if args.amp:  # overrides --precision, as in timm
-            self.precision = 'amp_bfloat16' if resolve_amp_dtype(args.amp_dtype) == torch.bfloat16 else 'amp_float16'
+            amp_dtype = resolve_amp_dtype(args.amp_dtype, device or (devices[0] if devices else None))
+            self.precision = 'amp_bfloat16' if amp_dtype == torch.bfloat16 else 'amp_float16'
         self.amp_dtype, self.dtype = resolve_precision(self.precision)
         self.memory_format = torch.channels_last if args.channels_last else None
         kwargs = model_kwargs(args)
         torch.manual_seed(args.seed)
         self.model = create_model_checked(name, **kwargs)
+        if args.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.is_split = isinstance(self.model, SplitNet)
         if self.is_split:  # the train bench measures the co-training step: train mode returns the member logits
             self.model.set_cotraining(True)
@@ -242,7 +258,7 @@ class BenchSetup:
                 check_compile_backend(args.torchcompile, self.split_backend)
         self.split_factor = self.model.split_factor if self.is_split else None
         self.param_count = count_params(self.model)
-        data_config = resolve_data_config(vars(args), model=self.model, use_test_size=not args.use_train_size)
+        data_config, _ = resolve_eval_data_config(args, self.model, use_test_size=not args.use_train_size)
         self.input_size = tuple(data_config['input_size'])
         self.num_classes = self.model.num_classes
         self.gmacs = model_gmacs(name, self.input_size, model=self.model, **kwargs)
@@ -271,7 +287,7 @@ class BenchSetup:
                 self.model, args.device, backend=args.dist_backend, timeout=args.dist_timeout, name=name)
             if args.torchcompile:
                 for member in self.model.owned:  # the gather stays eager
-                    member.compile(backend=args.torchcompile)
+                    member.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
             self.forward = partial(member_parallel_forward, self.model)  # the ensemble, gather included
             self.forward_members = self.model.forward_members  # all members' logits, with gradients to own
             self.min_warm_iter = 1  # the first forward in a mode also checks the ranks' batches
@@ -279,7 +295,8 @@ class BenchSetup:
             self.model.to(device)
             if args.torchcompile and hasattr(self.model, 'prepare_split_backend'):
                 self.model.prepare_split_backend()  # the packed programs built eagerly, not inside the compiled frame
-            self.forward = torch.compile(self.model, backend=args.torchcompile) if args.torchcompile else self.model
+            self.forward = torch.compile(self.model, backend=args.torchcompile, mode=args.torchcompile_mode) \
+                if args.torchcompile else self.model
             self.forward_members = self.forward  # train mode: a SplitNet returns the member logits [S, B, C]
         self.device = device
         self.devices = [device]
@@ -364,7 +381,12 @@ def make_train_step(setup: BenchSetup, args) -> Callable[[], None]:
     from timm.optim import create_optimizer_v2
     setup.train(True)
     criterion = make_criterion(setup.is_split, args.cot_weight)
-    optimizer = create_optimizer_v2(list(setup.parameters()), opt=args.opt, lr=args.lr)
+    opt_kwargs = dict(args.opt_kwargs or {})
+    if args.opt_eps is not None:
+        opt_kwargs['eps'] = args.opt_eps
+    if args.opt_betas is not None:
+        opt_kwargs['betas'] = args.opt_betas
+    optimizer = create_optimizer_v2(list(setup.parameters()), opt=args.opt, lr=args.lr, **opt_kwargs)
     x = setup.input(args.batch_size)
     target = setup.target(args.batch_size)
 
@@ -525,9 +547,17 @@ def benchmark_member_parallel(
             cache[key] = e
 
 
-def planned_runs(name: str, args, devices: Optional[List[torch.device]], warn: bool = True) -> List[Tuple[str, str]]:
+def planned_runs(
+        name: str,
+        args,
+        devices: Optional[List[torch.device]],
+        warn: bool = True,
+        reported: Collection[str] = (),
+) -> List[Tuple[str, str]]:
     """(model, split mode) of every row of one requested model: undivided / sequential / concurrent /
-    member_parallel as they apply (`warn`: log the comparisons that cannot be made)."""
+    member_parallel as they apply (`warn`: log the comparisons that cannot be made). The undivided comparison is
+    left out when its model is in `reported` (the caller's table has its row already: requested itself, or
+    compared with an earlier model)."""
     parsed = parse_splitnet_name(name)
     split_factor = parsed[1] if parsed else None
     compare = args.compare_undivided
@@ -536,7 +566,9 @@ def planned_runs(name: str, args, devices: Optional[List[torch.device]], warn: b
     runs = []
     if compare and parsed and split_factor > 1:
         undivided = splitnet_name(parsed[0], 1)
-        if timm.is_model(undivided):
+        if undivided in reported:
+            pass
+        elif timm.is_model(undivided):
             runs.append((undivided, 'undivided'))
         elif warn:
             _logger.warning(f'no undivided model {undivided} to compare {name} with.')
@@ -611,11 +643,13 @@ def benchmark_model(
         device: torch.device,
         devices: Optional[List[torch.device]],
         cache: Dict[Tuple[str, str], Any],
+        reported: Collection[str] = (),
 ) -> List[Dict[str, Any]]:
     """The rows of one requested model, from `cache` (`benchmark_paired` and `benchmark_member_parallel` fill it):
-    undivided / sequential / concurrent / member_parallel as they apply; a failure stored there is raised."""
+    undivided / sequential / concurrent / member_parallel as they apply, the undivided one unless its model is in
+    `reported`; a failure stored there is raised."""
     rows = []
-    for run_name, mode in planned_runs(name, args, devices, warn=False):
+    for run_name, mode in planned_runs(name, args, devices, warn=False, reported=reported):
         key = (run_name, _exec_mode(mode))
         if key not in cache:
             benchmark_paired([name], args, device, devices, cache)
@@ -843,8 +877,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         return rows
     with cli_session('benchmark.py', args.member_parallel) as rank:
         resolve_precision(args.precision)
-        if args.amp:
-            resolve_amp_dtype(args.amp_dtype)
+        if args.amp and args.amp_dtype is not None:
+            resolve_amp_dtype(args.amp_dtype, torch.device('meta'))  # a bad name stops before any model is built
         devices = parse_devices_checked(args.devices) if args.devices else None
         device = resolve_device_checked(args.device) if args.device or not devices else devices[0]
         if device.type == 'cuda' or any(d.type == 'cuda' for d in devices or []):  # as timm's benchmark.py
@@ -867,8 +901,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
                 return []  # rank 0 runs the single-process rows alone, on an otherwise idle machine
         benchmark_paired(model_names, args, device, devices, cache)
         for name in model_names:
+            reported = set(model_names) | {r['model'] for r in rows if r.get('split_mode') == 'undivided'}
             try:
-                rows += benchmark_model(name, args, device, devices, cache)
+                rows += benchmark_model(name, args, device, devices, cache, reported)
             except torch.cuda.OutOfMemoryError as e:
                 _logger.error(f'{name}: out of memory at batch size {args.batch_size}: {str(e).splitlines()[0]}')
                 rows.append(OrderedDict(model=name, error=f'out of memory at batch size {args.batch_size}'))

@@ -55,13 +55,13 @@ from timm.utils import NativeScaler, ParseKwargs, get_outdir, random_seed, updat
 
 from timm_splitnet import divide_weight_decay, export_model  # importing timm_splitnet registers the splitnet_* models
 from timm_splitnet.cli import (
-    CliError, add_member_parallel_args, as_cli_error, autocast_factory, check_compile_backend, check_rank_device,
-    check_torchrun_env, cli_errors, create_model_checked, resolve_amp_dtype, resolve_data_dir, setup_logging,
-    torchrun_rank)
+    CliError, add_member_parallel_args, as_cli_error, autocast_factory, check_compile_backend, check_num_samples,
+    check_rank_device, check_torchrun_env, cli_errors, create_model_checked, positive_int, resolve_amp_dtype,
+    resolve_data_dir, setup_logging, torchrun_rank)
 from timm_splitnet.data import (
-    ITERABLE_PREFIXES, DeviceViewAugment, DeviceViewLoader, collate_views, create_dataset, create_decode_transform,
-    create_eval_transform, create_random_erasing, create_train_transform, dataset_prefix, is_iterable, set_data_epoch,
-    set_loader_workers, set_views_transform)
+    ITERABLE_PREFIXES, DeviceViewAugment, DeviceViewLoader, collate_views, create_auto_augment, create_dataset,
+    create_decode_transform, create_eval_transform, create_random_erasing, create_train_transform, dataset_prefix,
+    eval_data_config, is_iterable, set_data_epoch, set_loader_workers, set_views_transform)
 from timm_splitnet.data.resumable import (
     describe_worker_failure, loader_position_state, make_resumable, restore_loader_position)
 from timm_splitnet.data.streaming import WDS_LAYOUT
@@ -69,6 +69,7 @@ from timm_splitnet.loss import CoTrainingLoss
 from timm_splitnet.task import (
     CoTrainingTask, DataParallelTraining, EpochProgress, MemberParallelTraining, NonFiniteLoss, is_splitnet,
     nonfinite_ranks, skip_nonfinite_step, validate_members)
+from timm_splitnet.task.schedule import lr_warnings, resolve_warmup_lr, restore_scheduler_state
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.models._weights import is_training_checkpoint, load_weights
 from timm_splitnet.utils.preemption import (
@@ -94,14 +95,14 @@ config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE
 # never on the command line
 TIMM_ONLY_KEYS = (
     'input_img_mode', 'input_key', 'target_key', 'dataset_trust_remote_code',
-    'amp_impl', 'tta', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'opt_foreach',
+    'amp_impl', 'tta', 'wandb_resume_id', 'opt_foreach',
     'lr_decay_fn', 'lr_stable_timescale', 'sched_res_schedule', 'naflex_loader', 'naflex_train_seq_lens',
     'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs', 'naflex_loss_scale', 'kd_model_name',
     'kd_distill_type', 'kd_loss_type', 'kd_alpha', 'kd_temperature', 'kd_token_weight', 'kd_checkpoint',
     'kd_model_kwargs', 'no_aug_train_epochs', 'dist_bn_eps',
     # newer timm train.py options (checked against timm's main-branch train.py): variable resolution / batch size
     # schedules, distillation weights, NaFlex and extra layer-decay / validation-interval knobs
-    'layer_decay_min_scale', 'layer_decay_no_opt_scale', 'val_interval', 'train_img_sizes', 'train_batch_sizes',
+    'layer_decay_no_opt_scale', 'train_img_sizes', 'train_batch_sizes',
     'train_size_probs', 'train_size_schedule', 'train_size_schedule_spread', 'train_size_random_mix',
     'train_batches_per_epoch', 'variable_batch_loss_scale', 'naflex_patchify_channels_first', 'distill_loss_weight',
     'task_loss_weight', 'kd_student_feature_dim', 'kd_teacher_feature_dim', 'kd_token_distill_type',
@@ -142,10 +143,10 @@ def create_parser() -> argparse.ArgumentParser:
                        help='split evaluated after every epoch (default: validation; "" for none)')
     group.add_argument('--dataset-download', action='store_true', default=False,
                        help='let torch/ and tfds/ data sets download themselves into the data folder')
-    group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+    group.add_argument('--train-num-samples', default=None, type=positive_int, metavar='N',
                        help='streamed data sets (wds/, hfids/, tfds/): training samples per epoch, all processes '
                             'together (default: the count the shards record)')
-    group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+    group.add_argument('--val-num-samples', default=None, type=positive_int, metavar='N',
                        help='streamed data sets: samples of the evaluation split (default: the recorded count)')
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
                        help='class name -> index: a .txt with one name per line in index order, or a pickled dict '
@@ -187,9 +188,9 @@ def create_parser() -> argparse.ArgumentParser:
                        help='per-channel standard deviation the pixels are divided by (default: the model\'s)')
     group.add_argument('--interpolation', default='', type=str, metavar='NAME',
                        help='resize filter of the evaluation images (default: the model\'s)')
-    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
+    group.add_argument('-b', '--batch-size', type=positive_int, default=128, metavar='N',
                        help='images per process and step; a SplitNet sees S views of each (default: 128)')
-    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+    group.add_argument('-vb', '--validation-batch-size', type=positive_int, default=None, metavar='N',
                        help='images per evaluation step (default: --batch-size)')
     group.add_argument('--channels-last', action='store_true', default=False,
                        help='keep activations in the channels_last (NHWC) layout')
@@ -254,8 +255,9 @@ def create_parser() -> argparse.ArgumentParser:
                        help='where to train: cuda, cuda:1, cpu, ... (default: cuda when there is one, else cpu)')
     group.add_argument('--amp', action='store_true', default=False,
                        help='mixed precision: autocast the forward pass (float16 adds a gradient scaler)')
-    group.add_argument('--amp-dtype', default='float16', type=str,
-                       help='lower precision type of --amp: float16 or bfloat16 (default: float16)')
+    group.add_argument('--amp-dtype', default=None, type=str,
+                       help='lower precision type of --amp: float16 or bfloat16 (default: bfloat16 on a CPU, float16 '
+                            'on a GPU)')
     group.add_argument('--model-dtype', default=None, type=str,
                        help='refused: ' + REFUSED['model_dtype'])
     group.add_argument('--no-ddp-bb', action='store_true', default=False,
@@ -299,6 +301,9 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--layer-decay', type=float, default=None,
                        help='layer-wise LR decay: each layer group from the head down gets this factor once more '
                             '(groups of the members\' group_matcher)')
+    group.add_argument('--layer-decay-min-scale', type=float, default=0., metavar='SCALE',
+                       help='with --layer-decay: the LR factor of the lowest layer groups never drops below this '
+                            '(default: 0, no floor)')
     group.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='more optimizer arguments as key=value')
 
@@ -332,8 +337,8 @@ def create_parser() -> argparse.ArgumentParser:
                        help='cyclic schedules: how many cycles (default: 1)')
     group.add_argument('--lr-k-decay', type=float, default=1.0,
                        help='k of the k-decay cosine / poly schedules (default: 1.0)')
-    group.add_argument('--warmup-lr', type=float, default=5e-3, metavar='LR',
-                       help='LR at the start of the warm-up (default: 5e-3)')
+    group.add_argument('--warmup-lr', type=float, default=None, metavar='LR',
+                       help='LR at the start of the warm-up (default: 1e-5 as in timm, at most a tenth of --lr)')
     group.add_argument('--min-lr', type=float, default=1e-4, metavar='LR',
                        help='LR the schedule ends at (default: 1e-4)')
     group.add_argument('--epochs', type=int, default=300, metavar='N', help='run length in epochs (default: 300)')
@@ -442,6 +447,8 @@ def create_parser() -> argparse.ArgumentParser:
     group.add_argument('--seed', type=int, default=42, metavar='S', help='seed of every random stream (default: 42)')
     group.add_argument('--worker-seeding', type=str, default='all',
                        help='how loader workers are seeded: "all" (torch, numpy, python) or "part" (torch only)')
+    group.add_argument('--val-interval', type=positive_int, default=1, metavar='N',
+                       help='evaluate after the first epoch, after every N-th and after the last one (default: 1)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
                        help='log the training loss every N batches (default: 50)')
     group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
@@ -466,6 +473,10 @@ def create_parser() -> argparse.ArgumentParser:
                        help='ensemble metric that picks the best epoch: top1 or top5 (default: top1)')
     group.add_argument('--log-wandb', action='store_true', default=False,
                        help='also send the per-epoch metrics to Weights & Biases (needs the wandb package)')
+    group.add_argument('--wandb-project', default=None, type=str, metavar='NAME',
+                       help='--log-wandb: the W&B project of the run (default: --experiment)')
+    group.add_argument('--wandb-tags', default=[], type=str, nargs='+', metavar='TAG',
+                       help='--log-wandb: tags of the W&B run')
     group.add_argument('--no-plot', action='store_true', default=False,
                        help='do not draw curves.png at the end')
 
@@ -489,10 +500,12 @@ def _read_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     if unknown:
         raise CliError(f'Config {path} sets unknown option(s): {", ".join(unknown)}.')
     defaults = {a.dest: a.default for a in parser._actions}
-    ignored = sorted(k for k in cfg if k in TIMM_ONLY_KEYS or (k in REFUSED and cfg[k] == defaults[k]))
-    if ignored:
-        _logger.warning(f'Config {path}: ignoring {len(ignored)} timm option(s) that do not apply to this script: '
-                        f'{", ".join(ignored)}.')
+    timm_only = sorted(k for k in cfg if k in TIMM_ONLY_KEYS)
+    if timm_only:
+        _logger.warning(f'Config {path}: ignoring {len(timm_only)} timm option(s) that do not apply to this script: '
+                        f'{", ".join(timm_only)}.')
+    # refused options at their defaults change nothing (every args.yaml of this script holds them): dropped silently
+    ignored = set(timm_only) | {k for k in cfg if k in REFUSED and cfg[k] == defaults[k]}
     return {k: v for k, v in cfg.items() if k in known and k not in ignored}
 
 
@@ -508,6 +521,11 @@ def _check_refused(args, parser: argparse.ArgumentParser) -> None:
         raise CliError(f'--eval-metric {args.eval_metric}: the best epoch is picked by the ensemble\'s top1 or top5.')
     if args.aug_repeats and args.member_parallel:
         raise CliError('--aug-repeats spreads repeats over DDP processes; --member-parallel has none to spread over.')
+    if args.aa:  # a policy string timm cannot read stops here, before any data is loaded
+        with as_cli_error():
+            create_auto_augment(args.aa, 32)
+    check_num_samples('--train-num-samples', args.train_num_samples, args.dataset)
+    check_num_samples('--val-num-samples', args.val_num_samples, args.dataset)
 
 
 def _parse_args(argv=None):
@@ -888,8 +906,8 @@ def _train(argv, cleanup: ExitStack) -> int:
     else:
         _logger.info(f'One training process, on {device}.')
 
-    amp_dtype = resolve_amp_dtype(args.amp_dtype)
-    amp_autocast = autocast_factory(device, amp_dtype if args.amp else None)
+    amp_dtype = resolve_amp_dtype(args.amp_dtype, device) if args.amp else None
+    amp_autocast = autocast_factory(device, amp_dtype)
     random_seed(args.seed, 0)  # every rank builds the model of a single-process run (member-parallel: its members)
 
     # ----- data sets (first: the model's head follows the data set's classes) -----
@@ -923,6 +941,8 @@ def _train(argv, cleanup: ExitStack) -> int:
     loader_train, loader_eval, crop_mode = _create_loaders(
         args, data_config, dataset_train, dataset_eval, num_views, device, parallel)
     loader_train = make_resumable(loader_train, args.seed, args.rank)  # epochs that can start at any batch
+    # the input the weights are trained and evaluated at: recorded in every checkpoint and in the export
+    trained_data_config = eval_data_config(data_config, crop_mode)
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None:
         mixup_fn = Mixup(
@@ -950,11 +970,16 @@ def _train(argv, cleanup: ExitStack) -> int:
         opt_kwargs['betas'] = args.opt_betas
     if args.layer_decay is not None:
         opt_kwargs['layer_decay'] = args.layer_decay
+        if args.layer_decay_min_scale:
+            opt_kwargs['layer_decay_min_scale'] = args.layer_decay_min_scale
     if args.lr is None:
         global_batch = args.batch_size * args.grad_accum_steps * getattr(parallel, 'data_parallel_size', 1)
         args.lr = scaled_lr(args.lr_base, global_batch, args.lr_base_size, args.lr_base_scale, args.opt)
         _logger.info(f'Learning rate {args.lr:.4g}: --lr-base {args.lr_base} at {args.lr_base_size} images, scaled '
                      f'to a global batch of {global_batch}.')
+    args.warmup_lr = resolve_warmup_lr(args.warmup_lr, args.lr)
+    for warning in lr_warnings(args.lr, args.warmup_lr, args.warmup_epochs, args.min_lr):
+        _logger.warning(warning)
     with as_cli_error():  # e.g. --layer-decay on a model without a group_matcher
         optimizer = create_optimizer_v2(
             model, opt=args.opt, lr=args.lr, weight_decay=weight_decay, momentum=args.momentum, **opt_kwargs)
@@ -962,7 +987,7 @@ def _train(argv, cleanup: ExitStack) -> int:
         f'Optimizer {args.opt}: lr {args.lr}, weight decay {weight_decay:.3g} '
         f'({args.weight_decay:g} divided by S={split_factor}: {args.wd_divide}).')
     with as_cli_error():  # --member-parallel refuses float16 AMP with --clip-grad
-        loss_scaler = parallel.create_loss_scaler(device, amp_dtype if args.amp else None, args.clip_grad)
+        loss_scaler = parallel.create_loss_scaler(device, amp_dtype, args.clip_grad)
 
     # ----- resume -----
     checkpoint = None
@@ -1011,10 +1036,17 @@ def _train(argv, cleanup: ExitStack) -> int:
 
     # ----- LR schedule -----
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=False), updates_per_epoch=updates_per_epoch)
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(args, decreasing_metric=False), updates_per_epoch=updates_per_epoch)
+    except (ValueError, AssertionError) as e:
+        raise CliError(f'cannot build the LR schedule of --sched {args.sched}: {e}') from e
+    if lr_scheduler is None:  # older timm returns no scheduler for a name it does not know
+        raise CliError(f"cannot build the LR schedule of --sched {args.sched}: Unknown scheduler '{args.sched}'.")
     if checkpoint is not None and not args.no_resume_opt and checkpoint.get('scheduler'):
-        lr_scheduler.load_state_dict(checkpoint['scheduler'])
+        changed = restore_scheduler_state(lr_scheduler, checkpoint['scheduler'])
+        if changed:  # e.g. a larger --epochs: the schedule of this run's settings, as timm's train.py resumes
+            _logger.info(f'--resume: the LR schedule is rebuilt for this run\'s settings ({"; ".join(changed)}).')
     if start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -1024,6 +1056,12 @@ def _train(argv, cleanup: ExitStack) -> int:
     if position:
         lr_scheduler.step_update(num_updates)  # per-update schedules move inside the epoch too
     _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch.')
+    if start_epoch >= num_epochs:  # before any output folder is made
+        if primary:
+            print(f'nothing to train: the checkpoint is at epoch {start_epoch} of {num_epochs} (pass a larger '
+                  f'--epochs to train on).', flush=True)
+        parallel.finish()
+        return 0
 
     # ----- output -----
     keeper = None
@@ -1045,7 +1083,8 @@ def _train(argv, cleanup: ExitStack) -> int:
         _logger.info(f'Output folder: {output_dir}')
         if args.log_wandb:
             import wandb
-            wandb.init(project=args.experiment or None, config=_plain(vars(args)))
+            wandb.init(project=args.wandb_project or args.experiment or None, tags=args.wandb_tags or None,
+                       config=_plain(vars(args)))
 
     # the random streams continue exactly where the checkpointed run left them (sampler order, augmentation, mixup)
     rank_state = None
@@ -1061,7 +1100,7 @@ def _train(argv, cleanup: ExitStack) -> int:
             random_seed(args.seed + start_epoch, args.rank)
 
     # ----- epochs -----
-    eval_metrics = None
+    eval_metrics = checkpoint.get('eval_metrics') if checkpoint is not None else None  # the last evaluation's
     best_eval_metrics = None
     if checkpoint is not None and keeper is not None and keeper.best_metric is not None:
         best_eval_metrics = checkpoint.get('best_eval_metrics')
@@ -1098,7 +1137,8 @@ def _train(argv, cleanup: ExitStack) -> int:
                 args, task, optimizer, lr_scheduler, loss_scaler, epoch - 1, num_updates,
                 rank_extra=dict(loader=loader_position_state(loader_train, progress.batch),
                                 epoch_state=progress.rank_state()),
-                position=progress.state_dict(), eval_metrics=eval_metrics, best_eval_metrics=best_eval_metrics)
+                position=progress.state_dict(), eval_metrics=eval_metrics, best_eval_metrics=best_eval_metrics,
+                data_config=trained_data_config)
             _write_on_primary(args, device, guard, f'the mid-epoch checkpoint of epoch {epoch}', output_dir, keeper,
                               keeper and keeper.save_recovery, epoch, progress.batch, state)
             return _exit_preempted(args, guard, keeper, parallel)
@@ -1112,7 +1152,8 @@ def _train(argv, cleanup: ExitStack) -> int:
 
         metric = None
         eval_start = time.time()
-        if loader_eval is not None:
+        evaluated = loader_eval is not None and evaluates_after(epoch, args.val_interval, num_epochs)
+        if evaluated:
             eval_metrics = validate_members(
                 model, loader_eval, device=device, amp_autocast=amp_autocast, channels_last=args.channels_last,
                 distributed=args.distributed, log_interval=args.log_interval, forward_members=task.eval_members_fn,
@@ -1129,13 +1170,14 @@ def _train(argv, cleanup: ExitStack) -> int:
         guard.note_eval(time.time() - eval_start)
 
         # collectives where the model is split over the processes: every rank takes part
-        state = _checkpoint_state(args, task, optimizer, lr_scheduler, loss_scaler, epoch, num_updates)
+        state = _checkpoint_state(
+            args, task, optimizer, lr_scheduler, loss_scaler, epoch, num_updates, data_config=trained_data_config)
 
         if primary and metric is not None and (keeper.best_metric is None or metric > keeper.best_metric):
             best_eval_metrics = dict(eval_metrics, epoch=epoch)
-        _write_on_primary(
+        _write_on_primary(  # epochs without evaluation: empty eval columns in summary.csv (it keeps one header)
             args, device, guard, f'the checkpoint of epoch {epoch}', output_dir, keeper, _write_epoch, args, keeper,
-            optimizer, summary_csv, epoch, train_metrics, eval_metrics, metric,
+            optimizer, summary_csv, epoch, train_metrics, eval_metrics if evaluated else _blank(eval_metrics), metric,
             primary and dict(state, eval_metrics=eval_metrics, best_eval_metrics=best_eval_metrics))
 
         lr_scheduler.step(epoch + 1, metric)
@@ -1237,6 +1279,16 @@ def _exit_preempted(args, guard: PreemptionGuard, keeper, parallel: DataParallel
     return PREEMPTED_EXIT_CODE
 
 
+def evaluates_after(epoch: int, val_interval: int, num_epochs: int) -> bool:
+    """--val-interval: evaluate after the first epoch, after every `val_interval`-th and after the last. The choice
+    depends on the epoch alone, so that a resumed run evaluates (and draws random numbers) as an uninterrupted one."""
+    return epoch == 0 or (epoch + 1) % val_interval == 0 or epoch + 1 >= num_epochs
+
+
+def _blank(metrics: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    return {k: '' for k in metrics} if metrics else None
+
+
 def _truncate_summary(summary_csv: str, start_epoch: int) -> None:
     """Drop summary rows of epochs >= start_epoch (written after the checkpoint a run resumes from)."""
     if not os.path.exists(summary_csv):
@@ -1279,7 +1331,7 @@ def _finish(
     checkpoint = load_checkpoint_file(source)
     key = 'state_dict_ema' if ema and 'state_dict_ema' in checkpoint else 'state_dict'
     model = task.full_model(checkpoint[key])
-    weights = export_model(model, output_dir, extra_config=dict(
+    weights = export_model(model, output_dir, data_config=checkpoint.get('data_config'), extra_config=dict(
         source_checkpoint=os.path.basename(source), source_epoch=checkpoint.get('epoch'),
         weights='ema' if key == 'state_dict_ema' else 'model'))
     which = f'{"EMA weights" if key == "state_dict_ema" else "weights"} of epoch {checkpoint.get("epoch")}'

@@ -36,10 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.data import create_loader, resolve_data_config
+from timm.data import create_loader
 from timm.data.distributed_sampler import OrderedDistributedSampler
 from timm.models import load_checkpoint
-from timm.utils import AverageMeter, accuracy
+from timm.utils import AverageMeter, accuracy, random_seed
 
 import timm_splitnet  # noqa: F401  registers the splitnet_* models
 from timm_splitnet import SplitNet, count_params, load_safetensors
@@ -47,9 +47,10 @@ from timm_splitnet.data import create_dataset
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.cli import (
     CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
-    check_compile_backend, cli_session, create_model_checked, expand_model_names, finish_member_parallel,
-    init_member_parallel_checked, model_gmacs, model_kwargs, parse_devices_checked, print_results, rank_devices,
-    resolve_amp_dtype, resolve_data_dir, resolve_device_checked, set_split_backend,
+    check_compile_backend, check_num_samples, check_pretrained_classes, cli_session, create_model_checked,
+    expand_model_names, finish_member_parallel, init_member_parallel_checked, model_gmacs, model_kwargs,
+    parse_devices_checked, peek_weights_checked, positive_int, print_results, rank_devices, resolve_amp_dtype,
+    resolve_data_dir, resolve_device_checked, resolve_eval_data_config, set_split_backend, weights_classes,
 )
 from timm_splitnet.parallel.concurrent import ConcurrentMembers
 from timm_splitnet.utils.metrics import ENSEMBLE_MANNERS, CalibrationMeter, EnsembleMetrics
@@ -121,14 +122,30 @@ parser.add_argument('--streams', action='store_true', default=False,
                     help='with --devices: every device slot runs on its own CUDA stream')
 parser.add_argument('--amp', action='store_true', default=False,
                     help='mixed precision: run the forward pass under autocast in --amp-dtype')
-parser.add_argument('--amp-dtype', default='float16', type=str,
-                    help='autocast type of --amp: float16 (half) or bfloat16 (default: float16)')
+parser.add_argument('--amp-dtype', default=None, type=str,
+                    help='autocast type of --amp: float16 (half) or bfloat16 (default: bfloat16 on a CPU, float16 '
+                         'on a GPU)')
 parser.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
                     help='torch.compile with this backend (inductor if the flag has no value); not with --devices')
 parser.add_argument('--ensemble', default='all', choices=['all'] + list(ENSEMBLE_MANNERS),
                     help='ensemble manner of top1/top5 (all: the model\'s configured manner, plus all four reported)')
 parser.add_argument('--reliability-plot', default='', type=str, metavar='FILE',
                     help='write a reliability diagram (ensemble and mean member, 15 bins) to FILE (.png / .pdf / .svg)')
+parser.add_argument('--num-samples', default=None, type=positive_int, metavar='N',
+                    help='number of samples of an iterable data set (tfds/, wds/, hfids/), which cannot count them')
+parser.add_argument('--seed', type=int, default=42, metavar='S',
+                    help='seed of the random streams, e.g. of a model evaluated without weights (default: 42)')
+parser.add_argument('--use-train-size', action='store_true', default=False,
+                    help='evaluate at the model\'s train input size even where its cfg names a larger test size')
+parser.add_argument('--valid-labels', default='', type=str, metavar='FILE',
+                    help='file of class indices, one per line: keep only these logits, in this order (a data set '
+                         'with a subset of the model\'s classes, e.g. ImageNet-A / -R)')
+parser.add_argument('--real-labels', default='', type=str, metavar='FILE',
+                    help='ImageNet ReaL labels JSON: also report real_top1 / real_top5 of the model\'s output '
+                         'against them (files named ILSVRC2012_val_*.JPEG)')
+parser.add_argument('--test-pool', dest='test_pool', action='store_true',
+                    help='timm\'s test-time pooling for a plain timm model evaluated above its train size '
+                         '(not for a SplitNet)')
 add_model_args(parser)
 add_input_args(parser)
 add_member_parallel_args(parser)
@@ -279,10 +296,14 @@ def check_data_root(args) -> str:
 
 def _create_loader(args, data_config: Dict[str, Any], device: torch.device):
     root = check_data_root(args)
+    check_num_samples('--num-samples', args.num_samples, args.dataset)
     if args.dataset and args.dataset.lower() == 'sklearn/digits':
         options = dict(img_size=data_config['input_size'][-1])  # the size its 8x8 images are rendered at
     else:
-        options = dict(download=args.dataset_download, load_bytes=False, class_map=args.class_map)
+        options = dict(download=args.dataset_download, load_bytes=False, class_map=args.class_map,
+                       input_img_mode='RGB' if data_config['input_size'][0] == 3 else 'L')
+        if args.num_samples:
+            options['num_samples'] = args.num_samples
     try:
         dataset = create_dataset(args.dataset, root=root, split=args.split, **options)
     except (RuntimeError, OSError, ValueError, TypeError, ImportError, AssertionError) as e:
@@ -371,6 +392,54 @@ def progress_line(
     return '  '.join(parts)
 
 
+def _read_valid_labels(path: str, num_classes: Optional[int], device: torch.device) -> torch.Tensor:
+    """The class indices of --valid-labels (one per line) as an index tensor, checked against the model's classes."""
+    try:
+        with open(path) as f:
+            labels = [int(line) for line in f if line.strip()]
+    except OSError as e:
+        raise CliError(f'cannot read --valid-labels {path}: {e}') from e
+    except ValueError as e:
+        raise CliError(f'--valid-labels {path} must hold one class index per line: {e}') from e
+    wrong = [i for i in labels if i < 0 or (num_classes and i >= num_classes)]
+    if not labels or wrong:
+        raise CliError(f'--valid-labels {path}: expected class indices of the model (0 to {(num_classes or 0) - 1}), '
+                       f'got {"none" if not labels else ", ".join(map(str, wrong[:5]))}.')
+    return torch.tensor(labels, device=device)
+
+
+def _real_labels(path: str, dataset, plan):
+    """timm's ReaL labels evaluator over the data set's files, in the loader's order."""
+    from timm.data import RealLabelsImagenet
+    if plan is not None:
+        raise CliError('--real-labels follows the files in order in one process; it does not run with '
+                       '--member-parallel.')
+    if not hasattr(dataset, 'filenames'):
+        raise CliError(f'--real-labels needs a data set of image files; {type(dataset).__name__} names none.')
+    filenames = dataset.filenames(basename=True)
+    try:
+        return RealLabelsImagenet(filenames, real_json=path)
+    except (OSError, ValueError) as e:
+        raise CliError(f'cannot read --real-labels {path}: {e}') from e
+    except AssertionError:
+        raise CliError(f'--real-labels {path} does not hold one entry per image of the data set ({len(filenames)} '
+                       f'images); ReaL labels cover the 50,000 ImageNet validation images.') from None
+
+
+def _apply_test_pool(model: nn.Module, data_config: Dict[str, Any], model_name: str):
+    """--test-pool: timm's test-time pooling head for a plain timm model above its train size (crop 1.0 then)."""
+    from timm.layers import apply_test_time_pool
+    if isinstance(model, SplitNet):
+        raise CliError(f'--test-pool replaces a model\'s single classifier with a pooled one; {model_name} has one '
+                       f'classifier per member. Evaluate it without --test-pool.')
+    model, pooled = apply_test_time_pool(model, data_config)
+    if pooled:
+        data_config = dict(data_config, crop_pct=1.0)
+    else:
+        _logger.info('--test-pool: the input is not larger than the model\'s train size, no test-time pooling.')
+    return model, data_config
+
+
 def validate(args, model_name: Optional[str] = None, reliability_plot: str | None = None) -> Dict[str, Any]:
     """Validate one model; returns the result row (an OrderedDict).
 
@@ -382,7 +451,7 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
         reliability_plot = getattr(args, 'reliability_plot', '')
     devices = parse_devices_checked(args.devices) if args.devices else None
     device = devices[0] if devices else resolve_device_checked(args.device)
-    amp_dtype = resolve_amp_dtype(args.amp_dtype) if args.amp else None
+    amp_dtype = resolve_amp_dtype(args.amp_dtype, device) if args.amp else None
     if device.type == 'cuda':  # as timm's validate.py: latencies comparable with timm's
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -390,12 +459,22 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
     kwargs = model_kwargs(args)
     pretrained = args.pretrained or bool(args.pretrained_path)
     create_kwargs = dict(kwargs)
+    weights_file = args.checkpoint or args.pretrained_path  # the weights evaluated (a checkpoint replaces pretrained)
+    file_classes, recorded_data_config = None, None
+    if weights_file:  # the model gets the file's classifier, never a random one
+        shapes, recorded_data_config = peek_weights_checked(weights_file, args.use_ema)
+        flag = '--checkpoint' if args.checkpoint else '--pretrained-path'
+        file_classes = weights_classes(model_name, flag, weights_file, shapes, args.num_classes, bool(args.checkpoint))
+        if file_classes is not None:
+            create_kwargs['num_classes'] = file_classes
     if args.pretrained_path:
-        if not os.path.isfile(args.pretrained_path):
-            raise CliError(f'pretrained weights file not found: {args.pretrained_path}')
-        create_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path)
-    if args.member_parallel:
-        torch.manual_seed(0)  # without weights to load, the same random members on every rank
+        overlay = dict(file=args.pretrained_path)
+        if file_classes is not None and not args.checkpoint:
+            overlay['num_classes'] = file_classes  # timm keeps a classifier of the cfg's class count
+        create_kwargs['pretrained_cfg_overlay'] = overlay
+    elif args.pretrained and not args.checkpoint:
+        check_pretrained_classes(model_name, args.num_classes)
+    random_seed(args.seed)  # without weights to load: the same random model every run (and on every rank)
     model = create_model_checked(model_name, pretrained=pretrained, **create_kwargs)
     if args.checkpoint:
         load_weights(model, args.checkpoint, args.use_ema)
@@ -419,7 +498,11 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
     num_classes = getattr(model, 'num_classes', None)
     split_factor = model.split_factor if is_split else None
     configured = _ensemble_manner(model)
-    data_config = resolve_data_config(vars(args), model=model, use_test_size=True, verbose=True)
+    data_config, data_sources = resolve_eval_data_config(
+        args, model, recorded_data_config, use_test_size=not args.use_train_size)
+    _logger.info(f'Data config: {data_sources}')
+    if args.test_pool:
+        model, data_config = _apply_test_pool(model, data_config, model_name)
     gmacs = model_gmacs(model_name, data_config['input_size'], model=model, **kwargs)
     _logger.info(f'{model_name}: {param_count} parameters, {gmacs} GMACs')
 
@@ -430,9 +513,13 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
         _logger.info(f'Member-parallel: {model.describe()}')
     dataset, loader = _create_loader(args, data_config, device)
     dataset_classes = len(getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or {}) or None
+    valid_labels = _read_valid_labels(args.valid_labels, num_classes, device) if args.valid_labels else None
+    if valid_labels is not None:
+        num_classes = len(valid_labels)  # the model's output, restricted to them
     if num_classes and dataset_classes and dataset_classes > num_classes:
         raise CliError(f'the dataset has {dataset_classes} classes but {model_name} predicts {num_classes}; '
                        f'set --num-classes (and load weights with that head).')
+    real_labels = _real_labels(args.real_labels, dataset, plan) if args.real_labels else None
     real_samples = None
     if plan is not None:
         from timm_splitnet.parallel.member_parallel import member_parallel_loader
@@ -489,6 +576,8 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
                 images = prepare_batch(images, args.channels_last)  # CUDA: valid until queued kernels finish
                 with amp_autocast():
                     out = forward(images)
+                if valid_labels is not None:
+                    out = out.index_select(-1, valid_labels)
                 if real_samples is not None:  # after the forward: every rank of the replica runs every batch
                     keep = min(target.shape[0], real_samples)
                     real_samples -= keep
@@ -509,6 +598,8 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
                     loss = F.cross_entropy(output.float(), target)
                     values = torch.stack([loss.detach().float(), *accs])
                     calibration.update(output, target)
+                if real_labels is not None:
+                    real_labels.add_result(output)
                 device_meters.update(values, batch_size)
                 now = time.perf_counter()
                 batch_time.update(now - end)
@@ -544,6 +635,9 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
         results['member_avg_top1'] = round(sum(member_top1) / len(member_top1), 4)
         # ens_{manner}_{nll,brier,ece}, member{i}_{nll,brier,ece}, disagreement, pairwise_kl
         results.update((key, _significant(value)) for key, value in calibration_metrics.items())
+    if real_labels is not None:
+        results['real_top1'] = round(real_labels.get_accuracy(k=1), 4)
+        results['real_top5'] = round(real_labels.get_accuracy(k=5), 4)
     results['param_count'] = round(param_count / 1e6, 4)
     results['gmacs'] = gmacs
     results['samples_per_sec'] = round(num_images / elapsed, 2) if elapsed > 0 else None
@@ -640,7 +734,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, Any]]:
         if args.member_parallel:
             finish_member_parallel()
     if rank == 0:
-        print_results(results, args, table=summary_table(results) if len(results) > 1 else '')
+        # the tables above and this summary; every key of every row goes to --results-file
+        print_results(results, args, table=summary_table(results) if len(results) > 1 else '', show_json=False)
     if any('error' in r for r in results):
         raise SystemExit(1)
     return results

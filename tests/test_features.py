@@ -173,3 +173,12 @@ def test_features_only_of_the_full_size_models(name):
         outs = features(torch.randn(1, 3, 16, 16))
     assert [o.shape[1] for o in outs] == features.feature_info.channels()
     assert [16 // o.shape[-1] for o in outs] == features.feature_info.reduction() == [1, 1, 2, 4]
+
+
+@pytest.mark.parametrize('feature_cls', ['hook', 'fx', 'list', 'dict'])
+def test_feature_classes_other_than_getter_are_refused_by_name(feature_cls):
+    # a SplitNet level is the members' outputs concatenated: only timm's getter (forward_intermediates) builds it
+    with pytest.raises(ValueError, match=f"feature_cls='getter'.*not '{feature_cls}'"):
+        build('splitnet_resnet110_s2', features_only=True, feature_cls=feature_cls)
+    features = build('splitnet_resnet110_s2', features_only=True, feature_cls='getter')
+    assert isinstance(features, FeatureGetterNet)

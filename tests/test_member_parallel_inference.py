@@ -103,7 +103,7 @@ def test_validate_member_parallel_equals_single_process(
             '--log-freq', '0'] + TINY_ARGS
     out = tmp_path / 'results.json'
     output = torchrun('validate.py', *argv, '--results-file', str(out), '--results-format', 'json', cwd=tmp_path)
-    assert output.count('--result') == 1 and output.count('* Acc@1') == 1, output[-4000:]  # rank 0 reports
+    assert output.count('All results (json)') == 1 and output.count('* Acc@1') == 1, output[-4000:]  # rank 0 reports
     mp = json.loads(out.read_text())
     assert len(mp) == 1
     mp = mp[0]

@@ -14,7 +14,7 @@ from timm.optim import create_optimizer_v2
 from timm_splitnet import SplitNet, create_splitnet, load_safetensors, save_safetensors
 from timm_splitnet.models.division import (
     EFFICIENTNET_CHANNELS, SPLIT_ARCHS, densenet_growth_rate, divide_drop_rate, divide_weight_decay, member_kwargs,
-    pyramidnet_alpha, resnext_cardinality, shakedrop_prob, wrn_widen_factor,
+    pyramidnet_alpha, resnext_cardinality, shakedrop_prob, supported_split_factors, wrn_widen_factor,
 )
 from timm_splitnet.models import division, splitnet_entrypoints
 from timm_splitnet.models.splitnet import REGISTERED_SPLIT_FACTORS, splitnet_name
@@ -105,6 +105,43 @@ def test_registry_lists_every_entrypoint():
     expected = {f'splitnet_{a}_s{s}' for a in SPLIT_ARCHS for s in (1, 2, 4)}
     assert expected <= names
     assert len(SPLIT_ARCHS) == 20
+    # the tables' S (e.g. CIFAR ResNets 1, 2, 4, 8, 16) and 1 to 16 for the formula rules (e.g. WRN)
+    assert timm.list_models('splitnet_resnet110_s*') == [f'splitnet_resnet110_s{s}' for s in (1, 2, 4, 8, 16)]
+    assert set(timm.list_models('splitnet_wrn16_8_s*')) == {f'splitnet_wrn16_8_s{s}' for s in range(1, 17)}
+    assert not timm.is_model('splitnet_wrn16_8_s17') and not timm.is_model('splitnet_efficientnet_b7_s8')
+
+
+def test_every_split_factor_of_a_rule_is_in_timms_registry(tmp_path):
+    """timm.create_model, and local-dir: of an exported S=3 model, reach any S a division rule defines."""
+    with torch.device('meta'):
+        model = timm.create_model('splitnet_wrn16_8_s3')
+    assert isinstance(model, SplitNet) and model.split_factor == 3
+    assert model.models[0].num_features == 16 * 5 * 4  # widen factor floor(8 / sqrt(3) + 0.4) = 5
+    assert model.pretrained_cfg['architecture'] == 'splitnet_wrn16_8_s3' and model.num_classes == 100
+    torch.manual_seed(0)
+    model = timm.create_model('splitnet_wrn16_8_s3', num_classes=10, layers=(1, 1, 1)).eval()
+    timm_splitnet.export_model(model, str(tmp_path))
+    reloaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert isinstance(reloaded, SplitNet) and reloaded.split_factor == 3 and reloaded.num_classes == 10
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+
+
+def test_an_s_the_rule_does_not_define_gives_the_rules_message(tmp_path):
+    with pytest.raises(ValueError, match=r'^resnet110: its division rule does not define S=5; supported S: 1, 2, 4, '
+                                         r'8, 16\.$'):
+        timm_splitnet.create_model('splitnet_resnet110_s5')
+    with pytest.raises(ValueError, match='wrn16_8: .* S=17; supported S: 1 to 16'):
+        timm_splitnet.create_model('splitnet_wrn16_8_s17')
+    (tmp_path / 'config.json').write_text('{"architecture": "splitnet_resnet110_s5", "num_classes": 10, '
+                                          '"pretrained_cfg": {}}')
+    with pytest.raises(ValueError, match='does not define S=5'):
+        timm_splitnet.create_model(f'local-dir:{tmp_path}')
+    with pytest.raises(RuntimeError, match='Unknown model'):  # not a SplitNet name: timm's own error
+        timm_splitnet.create_model('splitnet_nonesuch_s2')
+    with torch.device('meta'):  # registered names go straight to timm
+        assert timm_splitnet.create_model('splitnet_resnet110_s8').split_factor == 8
 
 
 def test_split_arch_rows_use_keyword_fields():
@@ -115,14 +152,16 @@ def test_split_arch_rows_use_keyword_fields():
 
 
 def test_every_registered_name_is_defined_in_source():
-    # the registry holds exactly one name per (arch, S), and each is a `def` that grep finds
+    # the registry holds exactly one name per (arch, S the rule defines); S = 1, 2, 4 are a `def` that grep finds,
+    # the others are registered by the module's loop in the same form
     names = set(timm.list_models('splitnet_*'))
-    assert names == {splitnet_name(a, s) for a in SPLIT_ARCHS for s in REGISTERED_SPLIT_FACTORS}
+    assert names == {splitnet_name(a, s) for a in SPLIT_ARCHS for s in supported_split_factors(a)}
+    written = {splitnet_name(a, s) for a in SPLIT_ARCHS for s in REGISTERED_SPLIT_FACTORS}
     source = inspect.getsource(splitnet_entrypoints)
     defined = set(re.findall(r'^def (splitnet_\w+)\(pretrained: bool = False, \*\*kwargs\) -> SplitNet:', source, re.M))
-    assert defined == names
+    assert defined == written
     cfg_keys = set(re.findall(r"^    '(splitnet_\w+)': splitnet_cfg\(", source, re.M))
-    assert cfg_keys == names
+    assert cfg_keys == written
     for name in names:
         fn = timm.models.model_entrypoint(name)
         assert fn is getattr(splitnet_entrypoints, name) and fn.__name__ == name and fn.__doc__

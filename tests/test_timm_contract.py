@@ -182,3 +182,24 @@ def test_benchmark_train_bench_measures_the_cotraining_step(monkeypatch):
         '--device', 'cpu', '--model-kwargs', 'layers=(1,1,1)', '--num-classes', '10'])
     assert seen and all(len(shape) == 3 for shape in seen)  # member logits [S, B, C]
     assert (2, 2, 10) in seen
+
+
+def test_torchscript_is_refused_with_what_works_instead():
+    model = small_splitnet().eval()
+    with pytest.raises(RuntimeError, match='TorchScript .* not supported; use torch.export.export, torch.jit.trace'):
+        torch.jit.script(model)
+
+
+def test_trace_without_tracer_warnings_and_equal_outputs():
+    import warnings
+    model = small_splitnet().eval()
+    x, _ = batch()
+    views = torch.cat([x, x.flip(3)], dim=1)  # member i sees view i
+    for example in (x, views):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            traced = torch.jit.trace(model, example)
+        assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)], \
+            [str(w.message) for w in caught]
+        with torch.no_grad():
+            torch.testing.assert_close(traced(example), model(example))

@@ -318,3 +318,65 @@ def test_validate_bundled_digits_and_datasets_that_need_a_folder():
     assert results[0]['num_images'] == 360  # the 20 % held-out split train.py evaluates on
     assert 0 <= results[0]['top1'] <= 100 and results[0]['nll'] > 0
     expect_error(['--dataset', 'torch/cifar10', '--model', MODEL] + TINY_ARGS, "'torch/cifar10' needs", '--data-dir')
+
+
+# ----- the weights and the input a run was trained with (issue 18) -----
+
+def _metrics(row):
+    return {k: v for k, v in row.items() if k.endswith(('top1', 'top5', '_nll')) or k in ('loss', 'nll', 'brier')}
+
+
+def test_pretrained_path_evaluates_the_files_classifier(image_folder, tmp_path):
+    """--pretrained-path of a train.py checkpoint with a 10-class head evaluates that head, as --checkpoint does;
+    a class count that would leave the classifier random stops the run and names the flag."""
+    model = tiny_model(seed=3)
+    path = tmp_path / 'model_best.pth.tar'
+    torch.save({'epoch': 1, 'arch': MODEL, 'state_dict': model.state_dict(), 'optimizer': {}}, path)
+    by_checkpoint = run_validate(image_folder, '--checkpoint', str(path))[0]
+    by_pretrained = run_validate(image_folder, '--pretrained-path', str(path))[0]
+    assert _metrics(by_pretrained) == _metrics(by_checkpoint)
+    without_num_classes = validate.main([str(image_folder), '--model', MODEL, '-b', '50', '-j', '0', '--device', 'cpu',
+                                         '--log-freq', '0', '--model-kwargs', 'layers=(1,1,1)',
+                                         '--pretrained-path', str(path)])[0]
+    assert _metrics(without_num_classes) == _metrics(by_checkpoint)  # the file says 10 classes
+    base = [str(image_folder), '--model', MODEL, '-j', '0', '--device', 'cpu', '--model-kwargs', 'layers=(1,1,1)']
+    expect_error(base + ['--num-classes', '12', '--pretrained-path', str(path)],
+                 'classifier of 10 classes', '--num-classes is 12', 'random classifier')
+    # --pretrained with another class count than the pretrained classifier's: refused before any download
+    expect_error([str(image_folder), '--model', 'resnet18', '--pretrained', '--num-classes', '10'],
+                 '1000-class classifier of resnet18', '--num-classes 10', 'random')
+
+
+RECORDED = dict(input_size=[3, 16, 16], interpolation='bilinear', mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
+                crop_pct=1.0, crop_mode='center')
+RECORDED_FLAGS = ['--img-size', '16', '--interpolation', 'bilinear', '--mean', '0.5', '0.5', '0.5', '--std', '0.25',
+                  '0.25', '0.25', '--crop-pct', '1.0', '--crop-mode', 'center']
+
+
+def test_validate_takes_the_data_config_from_the_weights(image_folder, tmp_path, caplog):
+    """The input size, mean / std, crop and interpolation recorded with the weights (train.py's checkpoints and
+    exports) are what validate.py evaluates with unless the command line overrides them; the log says which."""
+    model = tiny_model(seed=4)
+    path = tmp_path / 'last.pth.tar'
+    torch.save({'epoch': 0, 'arch': MODEL, 'state_dict': model.state_dict(), 'data_config': RECORDED}, path)
+    with caplog.at_level('INFO', logger='validate'):
+        recorded = run_validate(image_folder, '--checkpoint', str(path))[0]
+    assert 'input_size (3, 16, 16) (checkpoint)' in caplog.text and 'mean (0.5, 0.5, 0.5) (checkpoint)' in caplog.text
+    explicit = run_validate(image_folder, '--checkpoint', str(path), *RECORDED_FLAGS)[0]
+    assert recorded['img_size'] == 16 and _metrics(recorded) == _metrics(explicit)
+    caplog.clear()
+    with caplog.at_level('INFO', logger='validate'):
+        overridden = run_validate(image_folder, '--checkpoint', str(path), '--img-size', '24')[0]
+    assert overridden['img_size'] == 24 and 'input_size (3, 24, 24) (command line)' in caplog.text
+    # the export: safetensors metadata, config.json for timm's local-dir:, pretrained_cfg_overlay
+    export = tmp_path / 'export'
+    timm_splitnet.export_model(model, str(export), data_config=RECORDED)
+    from_export = run_validate(image_folder, '--checkpoint', str(export / 'model.safetensors'))[0]
+    assert _metrics(from_export) == _metrics(explicit)
+    local = timm.create_model(f'local-dir:{export}')
+    overlay = timm.create_model(MODEL, pretrained=True, layers=(1, 1, 1),
+                                pretrained_cfg_overlay=dict(file=str(export / 'model.safetensors')))
+    for m in (local, overlay):
+        config = resolve_data_config(model=m)
+        assert tuple(config['input_size']) == (3, 16, 16) and tuple(config['mean']) == (0.5, 0.5, 0.5), config
+        assert (config['crop_pct'], config['crop_mode'], config['interpolation']) == (1.0, 'center', 'bilinear')

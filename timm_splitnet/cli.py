@@ -10,7 +10,6 @@ import difflib
 import json
 import logging
 import os
-import re
 from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
@@ -19,13 +18,17 @@ import torch
 import torch.nn as nn
 
 import timm
+from timm.data import resolve_data_config
 from timm.utils import ParseKwargs, setup_default_logging
 
+from .data import ITERABLE_PREFIXES
 from .parallel.concurrent import parse_devices, resolve_device
 from .parallel.member_parallel import MemberParallelPlan, MemberParallelSplitNet, init_member_parallel
 from .task.distributed import select_split_backend
+from .utils.checkpoint import DATA_CONFIG_KEYS, with_data_config
 from .utils.flops import count_macs
-from .models import SPLIT_ARCHS, SplitNet, create_splitnet, member_kwargs
+from .models import SplitNet, create_model, member_kwargs, parse_splitnet_name
+from .models._weights import peek_weights
 
 __all__ = [
     'CliError', 'cli_errors', 'as_cli_error', 'cli_session', 'add_model_args', 'add_input_args', 'add_results_args',
@@ -35,7 +38,8 @@ __all__ = [
     'model_gmacs', 'resolve_device_checked', 'parse_devices_checked',
     'resolve_amp_dtype', 'autocast_factory', 'write_results', 'print_results', 'setup_logging', 'TORCHRUN_ENV',
     'torchrun_rank', 'check_torchrun_env', 'check_rank_device', 'init_member_parallel_checked', 'rank_devices',
-    'finish_member_parallel',
+    'finish_member_parallel', 'peek_weights_checked', 'weights_classes', 'check_pretrained_classes',
+    'resolve_eval_data_config', 'positive_int', 'check_num_samples',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -73,7 +77,7 @@ def as_cli_error(*types: Type[Exception]) -> Iterator[None]:
 # ----- arguments -----
 
 def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """--model (or a wildcard), --model-list, --model-kwargs, --num-classes, --split-backend."""
+    """--model (or a wildcard), --model-list, --model-kwargs, --num-classes, --gp, --split-backend."""
     group = parser.add_argument_group('Model')
     group.add_argument('--model', '-m', metavar='NAME', default=None,
                        help='name of the model (timm name or splitnet_<arch>_s<S>); a wildcard such as '
@@ -84,18 +88,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                        help='extra model kwargs, e.g. --model-kwargs drop_rate=0.1')
     group.add_argument('--num-classes', type=int, default=None,
                        help='size of the classifier (default: the model\'s own)')
+    group.add_argument('--gp', default=None, type=str, metavar='POOL',
+                       help='global pooling of the model, of every member of a SplitNet: avg, max, avgmax, '
+                            'catavgmax, fast (default: the model\'s)')
     group.add_argument('--split-backend', default=None, type=str,
                        help='SplitNet member execution backend (e.g. loop)')
     return group
 
 
 def add_input_args(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """-b / --batch-size, --img-size, --input-size, --channels-last."""
+    """-b / --batch-size, --img-size, --in-chans, --input-size, --channels-last."""
     group = parser.add_argument_group('Input')
-    group.add_argument('-b', '--batch-size', default=256, type=int, metavar='N',
+    group.add_argument('-b', '--batch-size', default=256, type=positive_int, metavar='N',
                        help='images per batch (default: 256)')
     group.add_argument('--img-size', default=None, type=int, metavar='N',
                        help='side of the square input image (default: the model\'s)')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N',
+                       help='channels of the input images (default: 3, or the first value of --input-size)')
     group.add_argument('--input-size', default=None, nargs=3, type=int, metavar=('C', 'H', 'W'),
                        help='full input shape C H W, e.g. --input-size 3 224 224; wins over --img-size '
                             '(default: the model\'s)')
@@ -127,6 +136,29 @@ def add_member_parallel_args(parser: argparse.ArgumentParser) -> argparse._Argum
                        help='timeout of every collective: a dead or stalled rank fails the run after it '
                             '(default: 600)')
     return group
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (`-b`, ...): anything else is a one-line usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+    return value
+
+
+# timm's data set types that stream their samples and cannot tell their length by themselves
+def check_num_samples(flag: str, num_samples: Optional[int], dataset: str) -> None:
+    """A sample count (`--num-samples`, `--train-num-samples`) is for iterable data sets only: refuse it elsewhere
+    (timm would ignore it there)."""
+    if num_samples is None:
+        return
+    if dataset.partition('/')[0].lower() not in ITERABLE_PREFIXES:
+        kinds = ', '.join(p + '/' for p in ITERABLE_PREFIXES)
+        given = f'--dataset {dataset}' if dataset else 'an image folder'
+        raise CliError(f'{flag} sets the length of an iterable data set ({kinds}); {given} knows its own length.')
 
 
 def resolve_data_dir(positional: Optional[str], option: Optional[str]) -> Optional[str]:
@@ -176,20 +208,6 @@ def expand_model_names(model: Optional[str] = None, model_list: str = '') -> Lis
     return list(dict.fromkeys(out))
 
 
-_SPLITNET_NAME = re.compile(r'^splitnet_(?P<arch>.+)_s(?P<split_factor>\d+)$')
-
-
-def parse_splitnet_name(name: str) -> Optional[Tuple[str, int]]:
-    """(arch, S) of a `splitnet_<arch>_s<S>` name whose arch is a known SplitNet architecture, else None.
-
-    Only S = 1, 2, 4 are registered in timm; this name form reaches every S a division rule defines.
-    """
-    match = _SPLITNET_NAME.match(name)
-    if match is None or match['arch'] not in SPLIT_ARCHS:
-        return None
-    return match['arch'], int(match['split_factor'])
-
-
 def check_model_name(name: str) -> None:
     """Raise a CliError when `name` is neither a registered timm model nor `splitnet_<arch>_s<S>` of a known arch.
 
@@ -209,12 +227,9 @@ def check_model_name(name: str) -> None:
 
 
 def create_any_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
-    """`timm.create_model`, plus `splitnet_<arch>_s<S>` names of S values that are not registered (built by
-    `create_splitnet`)."""
-    parsed = None if timm.is_model(name) else parse_splitnet_name(name)
-    if parsed is not None:
-        return create_splitnet(*parsed, pretrained=pretrained, **{k: v for k, v in kwargs.items() if v is not None})
-    return timm.create_model(name, pretrained=pretrained, **kwargs)
+    """`timm.create_model` (every S a division rule defines is registered), with the rule's message for another S
+    (`timm_splitnet.create_model`)."""
+    return create_model(name, pretrained=pretrained, **kwargs)
 
 
 def create_model_checked(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
@@ -227,10 +242,14 @@ def create_model_checked(name: str, pretrained: bool = False, **kwargs) -> nn.Mo
 
 
 def model_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The model kwargs of `--model-kwargs` and `--num-classes`."""
+    """The model kwargs of `--model-kwargs`, `--num-classes`, `--gp`, `--in-chans` (or `--input-size`) and
+    `--drop-path`, where the script has them."""
     kwargs = dict(getattr(args, 'model_kwargs', None) or {})
-    if getattr(args, 'num_classes', None) is not None:
-        kwargs['num_classes'] = args.num_classes
+    input_size = getattr(args, 'input_size', None)
+    options = dict(num_classes=getattr(args, 'num_classes', None), global_pool=getattr(args, 'gp', None),
+                   in_chans=input_size[0] if input_size else getattr(args, 'in_chans', None),
+                   drop_path_rate=getattr(args, 'drop_path', None))
+    kwargs.update((k, v) for k, v in options.items() if v is not None)
     return kwargs
 
 
@@ -276,6 +295,124 @@ def model_gmacs(
         return None
 
 
+# ----- weights files and their data config -----
+
+def peek_weights_checked(path: str, use_ema: bool = True) -> Tuple[Dict[str, Tuple[int, ...]], Optional[Dict]]:
+    """The tensor shapes of a weights file and the data config recorded in it (`peek_weights`), errors as CliError."""
+    if not os.path.isfile(path):
+        raise CliError(f'weights file not found: {path}')
+    with as_cli_error():
+        return peek_weights(path, use_ema=use_ema)
+
+
+def _classifier_names(name: str) -> Tuple[Optional[int], Tuple[str, ...]]:
+    """(classes, classifier module names) of the pretrained cfg of model `name` ((None, ()) without one)."""
+    cfg = timm.models.get_pretrained_cfg(name) if ':' not in name else None
+    if cfg is None or not cfg.classifier:
+        return None, ()
+    names = (cfg.classifier,) if isinstance(cfg.classifier, str) else tuple(cfg.classifier)
+    return cfg.num_classes, names
+
+
+def weights_classes(
+        name: str,
+        flag: str,
+        path: str,
+        shapes: Dict[str, Tuple[int, ...]],
+        num_classes: Optional[int],
+        strict: bool = False,
+) -> Optional[int]:
+    """The class count of the classifier in a weights file (`shapes`: its tensor shapes), which the model must be
+    built with: an evaluation never runs a random classifier.
+
+    timm's pretrained loading drops a classifier whose class count differs from the cfg's, and a model built with
+    the cfg's count cannot take the file's; building it with the file's count avoids both.
+
+    Args:
+        strict: The file is loaded strictly (--checkpoint), which reports a file without the model's classifier
+            itself; timm's pretrained loading (--pretrained-path) would leave a classifier of another class count
+            random instead, so that is refused here.
+
+    Returns:
+        The file's class count, or None when the file has no classifier under the cfg's names (or the model no cfg).
+
+    Raises:
+        CliError: `num_classes` (--num-classes) differs from the file's classifier, or (not `strict`) the file has
+            none and `num_classes` differs from the model's.
+    """
+    cfg_classes, classifiers = _classifier_names(name)
+    if not classifiers:
+        return None
+    found = {shapes[c + '.weight'][0] for c in classifiers if c + '.weight' in shapes}
+    if not found:
+        if not strict and num_classes is not None and num_classes != cfg_classes:
+            raise CliError(f'{flag} {path} holds no classifier ({classifiers[0]}.weight), so the {num_classes}-class '
+                           f'classifier of --num-classes would stay random in this evaluation; pass weights that have '
+                           f'one.')
+        return None
+    if len(found) > 1 or (num_classes is not None and num_classes not in found):
+        raise CliError(f'{flag} {path} holds a classifier of {" / ".join(map(str, sorted(found)))} classes, but '
+                       f'--num-classes is {num_classes}: the model would be evaluated with a random classifier. Leave '
+                       f'--num-classes out to evaluate the file\'s classifier.')
+    return found.pop()
+
+
+def check_pretrained_classes(name: str, num_classes: Optional[int]) -> None:
+    """Refuse `--pretrained` with a `--num-classes` other than the pretrained classifier's: timm would replace the
+    classifier with a random one, which an evaluation must not use."""
+    cfg_classes, classifiers = _classifier_names(name)
+    if num_classes is not None and classifiers and cfg_classes and num_classes != cfg_classes:
+        raise CliError(f'--pretrained loads the {cfg_classes}-class classifier of {name}; --num-classes {num_classes} '
+                       f'would replace it with a random one in this evaluation. Leave --num-classes out, or load '
+                       f'weights with a {num_classes}-class classifier (--checkpoint FILE or --pretrained-path FILE).')
+
+
+# the command-line options that set each data-config key
+_DATA_CONFIG_OPTIONS = dict(
+    input_size=('img_size', 'input_size', 'in_chans'), interpolation=('interpolation',), mean=('mean',), std=('std',),
+    crop_pct=('crop_pct',), crop_mode=('crop_mode',))
+
+
+def resolve_eval_data_config(
+        args: argparse.Namespace,
+        model: nn.Module,
+        recorded: Optional[Dict[str, Any]] = None,
+        use_test_size: bool = True,
+) -> Tuple[Dict[str, Any], str]:
+    """timm's `resolve_data_config` with the data config a weights file recorded (`recorded`, see `peek_weights`)
+    in place of the model's pretrained cfg; the command line overrides both.
+
+    Returns:
+        The data config and a line that says where each value came from (command line, checkpoint, model).
+    """
+    recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in (recorded or {}).items()
+                if k in DATA_CONFIG_KEYS and v is not None}
+    cfg = with_data_config(dict(getattr(model, 'pretrained_cfg', None) or {}), recorded)
+    input_size = getattr(args, 'input_size', None)
+    in_chans = input_size[0] if input_size else getattr(args, 'in_chans', None)
+    for key in ('mean', 'std'):
+        given = getattr(args, key, None)
+        if given and in_chans and len(given) not in (1, in_chans):
+            raise CliError(f'--{key} has {len(given)} values for {in_chans} input channels: give one or {in_chans}.')
+    data_config = resolve_data_config(vars(args), pretrained_cfg=cfg, model=model, use_test_size=use_test_size)
+    if in_chans and data_config['input_size'][0] != in_chans:  # timm keeps the cfg's channels with --in-chans
+        data_config['input_size'] = (in_chans, *data_config['input_size'][1:])
+    in_chans = data_config['input_size'][0]
+    for key in ('mean', 'std'):
+        values = tuple(data_config[key])
+        if len(values) != in_chans:
+            if in_chans != 1:
+                raise CliError(f'{in_chans} input channels but {len(values)} {key} values (the model\'s): pass '
+                               f'--{key} with {in_chans} values.')
+            data_config[key] = (sum(values) / len(values),)  # grey images: one value for the one channel
+    parts = []
+    for key, options in _DATA_CONFIG_OPTIONS.items():
+        given = any(getattr(args, option, None) not in (None, '') for option in options)
+        source = 'command line' if given else 'checkpoint' if key in recorded else 'model'
+        parts.append(f'{key} {data_config.get(key)} ({source})')
+    return data_config, ', '.join(parts)
+
+
 # ----- devices and precision -----
 
 def resolve_device_checked(device: Optional[str]) -> torch.device:
@@ -292,11 +429,23 @@ def parse_devices_checked(devices: str) -> List[torch.device]:
         return parse_devices(devices)
 
 
-def resolve_amp_dtype(name: str) -> torch.dtype:
-    """The dtype of `--amp-dtype` (float16 / half / bfloat16)."""
+def resolve_amp_dtype(name: Optional[str], device: Optional[torch.device] = None) -> torch.dtype:
+    """The dtype of `--amp-dtype` (float16 / half / bfloat16); without one, bfloat16 on a CPU (where float16 autocast
+    is usually far slower) and float16 elsewhere. Float16 asked for on a CPU is done, with a warning."""
     dtypes = {'float16': torch.float16, 'half': torch.float16, 'bfloat16': torch.bfloat16}
-    if name not in dtypes:
+    if name is not None and name not in dtypes:
         raise CliError(f'unknown --amp-dtype {name!r}, expected float16 or bfloat16.')
+    if device is None:
+        device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    on_cpu = torch.device(device).type == 'cpu'
+    if name is None:
+        if on_cpu:
+            _logger.info('--amp on the CPU: bfloat16 autocast (float16 is usually far slower there; --amp-dtype '
+                         'float16 to use it anyway).')
+        return torch.bfloat16 if on_cpu else torch.float16
+    if on_cpu and dtypes[name] == torch.float16:
+        _logger.warning('--amp-dtype float16 on the CPU: float16 autocast is usually far slower there than bfloat16 '
+                        '(--amp-dtype bfloat16).')
     return dtypes[name]
 
 
@@ -324,14 +473,22 @@ def write_results(results_file: str, results: List[Dict[str, Any]], format: str 
                 dw.writerow(r)
 
 
-def print_results(results: List[Dict[str, Any]], args: argparse.Namespace, table: str = '') -> None:
-    """Write `--results-file` (in `--results-format`), print `table` and the rows as JSON after a `--result` line
-    (the format of timm's scripts, for tools that read a script's output)."""
+def print_results(
+        results: List[Dict[str, Any]],
+        args: argparse.Namespace,
+        table: str = '',
+        show_json: bool = True,
+) -> None:
+    """Write `--results-file` (in `--results-format`), print `table` and, with `show_json`, the rows as JSON after a
+    `--result` line (the format of timm's scripts, for tools that read a script's output)."""
     if getattr(args, 'results_file', ''):
         write_results(args.results_file, results, format=args.results_format)
     if table:
         print(table)
-    print(f'--result\n{json.dumps(results, indent=4)}')
+    if show_json:
+        print(f'--result\n{json.dumps(results, indent=4)}')
+    elif getattr(args, 'results_file', ''):
+        print(f'All results ({args.results_format}): {args.results_file}')
 
 
 def setup_logging(rank: int = 0) -> None:

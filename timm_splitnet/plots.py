@@ -6,9 +6,13 @@ matplotlib is imported lazily with the Agg backend: importing this module needs 
 import csv
 import math
 import re
+import textwrap
 from typing import Any, Dict, List, Optional, Sequence
 
-__all__ = ['plot_latency', 'read_summary', 'plot_curves', 'plot_reliability']
+__all__ = [
+    'plot_latency', 'latency_figure', 'read_summary', 'plot_curves', 'curves_figure', 'plot_reliability',
+    'reliability_figure',
+]
 
 _MODE_ORDER = ('undivided', 'single', 'sequential', 'concurrent', 'member_parallel')
 _MODE_COLORS = {'undivided': '#7f7f7f', 'single': '#7f7f7f', 'sequential': '#1f77b4', 'concurrent': '#d62728',
@@ -35,6 +39,20 @@ def _legend(row: Dict[str, Any]) -> str:
     return f'{mode} ({devices})' if devices else mode
 
 
+def _pyplot():
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, path: str, dpi: int) -> str:
+    import matplotlib.pyplot as plt
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[str] = None) -> str:
     """Draw latency bars per model and split mode (undivided / sequential / concurrent) and save them to `path`;
     rows with a ratio to S=1 (`infer_vs_s1`, `train_vs_s1` and their `_lo` / `_hi`) add a panel of the ratios with
@@ -53,10 +71,12 @@ def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[s
     Raises:
         ValueError: No row has a latency to plot.
     """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    return _save(latency_figure(results, title), path, dpi=120)
 
+
+def latency_figure(results: Sequence[Dict[str, Any]], title: Optional[str] = None):
+    """The matplotlib figure of `plot_latency` (not saved); the title is wrapped to the figure's width."""
+    plt = _pyplot()
     rows = [r for r in results if not r.get('error')]
     panels = []
     if any(_infer_latency(r) is not None for r in rows):
@@ -108,11 +128,12 @@ def plot_latency(results: Sequence[Dict[str, Any]], path: str, title: Optional[s
         batch = sorted({r.get('infer_batch_size') or r.get('train_batch_size') for r in rows} - {None})
         title = 'SplitNet latency: undivided network vs its members (sequential / concurrent / member-parallel)' + (
             f' (batch {", ".join(str(b) for b in batch)})' if batch else '')
+    # about 0.085 in per character at 10 pt: wrap the title to the figure's width instead of letting it run off
+    width_chars = max(20, int(fig.get_figwidth() / 0.085))
+    title = '\n'.join(textwrap.wrap(title, width_chars))
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def _ratio_panel(ax, rows: Sequence[Dict[str, Any]]) -> None:
@@ -183,10 +204,19 @@ def plot_curves(summary_csv: str, png: str) -> str:
     Raises:
         ImportError: matplotlib is not installed.
     """
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+    return _save(curves_figure(summary_csv), png, dpi=100)
 
+
+def _points(epochs: List[float], values: List[float]):
+    """The (epoch, value) pairs that have a value: an eval column is empty on epochs without evaluation."""
+    pairs = [(e, v) for e, v in zip(epochs, values) if not math.isnan(v)]
+    return ([e for e, _ in pairs], [v for _, v in pairs])
+
+
+def curves_figure(summary_csv: str):
+    """The matplotlib figure of `plot_curves` (not saved): whole-number epoch ticks."""
+    from matplotlib.ticker import MaxNLocator
+    plt = _pyplot()
     data = read_summary(summary_csv)
     epochs = data.get('epoch', [])
     members = sorted(
@@ -195,11 +225,11 @@ def plot_curves(summary_csv: str, png: str) -> str:
     marker = '.' if len(epochs) <= 30 else None  # short runs: show the points
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.5))
     for index, key in members:
-        ax_acc.plot(epochs, data[key], lw=1, alpha=0.8, marker=marker, label=f'member {index}')
+        ax_acc.plot(*_points(epochs, data[key]), lw=1, alpha=0.8, marker=marker, label=f'member {index}')
     if 'eval_top1' in data:
-        ax_acc.plot(epochs, data['eval_top1'], lw=2, color='black', marker=marker, label='ensemble')
+        ax_acc.plot(*_points(epochs, data['eval_top1']), lw=2, color='black', marker=marker, label='ensemble')
     if 'eval_ema_top1' in data:
-        ax_acc.plot(epochs, data['eval_ema_top1'], lw=1.5, ls='--', color='black', label='ensemble (EMA)')
+        ax_acc.plot(*_points(epochs, data['eval_ema_top1']), lw=1.5, ls='--', color='black', label='ensemble (EMA)')
     ax_acc.set_xlabel('epoch')
     ax_acc.set_ylabel('eval top-1 (%)')
     ax_acc.set_title('Eval accuracy')
@@ -214,7 +244,7 @@ def plot_curves(summary_csv: str, png: str) -> str:
             ('eval_loss', 'eval CE (ensemble)', dict(lw=1.2, ls='--')),
     ):
         if key in data:
-            ax_loss.plot(epochs, data[key], label=label, marker=marker, **style)
+            ax_loss.plot(*_points(epochs, data[key]), label=label, marker=marker, **style)
     ax_loss.set_xlabel('epoch')
     ax_loss.set_ylabel('loss')
     ax_loss.set_title('Losses')
@@ -222,11 +252,11 @@ def plot_curves(summary_csv: str, png: str) -> str:
         ax_loss.set_yscale('log')
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(loc='best')
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers, also on short runs
 
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
+    return fig
 
 
 # ----- reliability diagram -----
@@ -248,14 +278,16 @@ def plot_reliability(curves: dict[str, dict[str, list[float]]], path: str, title
     Raises:
         ValueError: No curve to plot.
     """
+    return _save(reliability_figure(curves, title), path, dpi=100)
+
+
+def reliability_figure(curves: dict[str, dict[str, list[float]]], title: str | None = None):
+    """The matplotlib figure of `plot_reliability` (not saved): the legend sits below the plots, off the bars."""
     if not curves:
         raise ValueError('No reliability data to plot.')
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, (ax_acc, ax_count) = plt.subplots(
-        2, 1, figsize=(6, 7), sharex=True, gridspec_kw={'height_ratios': (3, 1.2)})
+        2, 1, figsize=(6, 8), sharex=True, gridspec_kw={'height_ratios': (3, 1.2)})
     ax_acc.plot([0, 1], [0, 1], ls='--', lw=1, color='gray', label='perfect calibration')
     width = 0.8 / len(curves)
     for ci, (label, data) in enumerate(curves.items()):
@@ -281,12 +313,15 @@ def plot_reliability(curves: dict[str, dict[str, list[float]]], path: str, title
     ax_acc.set_ylim(0, 1)
     ax_acc.set_ylabel('top-1 accuracy')
     ax_acc.grid(alpha=0.3)
-    ax_acc.legend(loc='upper left', fontsize=8)
     ax_acc.set_title(title or f'Reliability diagram ({len(next(iter(curves.values()))["count"])} bins)', fontsize=10)
     ax_count.set_xlabel('top-1 confidence')
     ax_count.set_ylabel('samples per bin')
     ax_count.grid(alpha=0.3)
+    # the legend under the count plot: inside the accuracy plot it would hide the bars of some bins
+    handles, labels = ax_acc.get_legend_handles_labels()
+    legend = fig.legend(handles, labels, loc='lower center', fontsize=8, ncol=1, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    fig.canvas.draw()  # the legend's height, then the room it needs below the plots
+    height = legend.get_window_extent().height / fig.bbox.height
+    fig.tight_layout(rect=(0, height + 0.01, 1, 1))
+    return fig

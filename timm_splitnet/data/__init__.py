@@ -21,6 +21,7 @@ from .transforms import (
     create_eval_transform,
     create_random_erasing,
     create_train_transform,
+    eval_data_config,
     posterize_safe,
     transforms_cifar_eval,
     transforms_cifar_train,

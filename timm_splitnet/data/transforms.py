@@ -5,7 +5,7 @@ ImageNet pipeline, with timm ``--aa`` strings or torchvision's 'cifar10' / 'svhn
 auto-augment built here posterizes with :func:`posterize_safe` (Pillow >= 13 rejects 0 bits); timm's global op table
 is left untouched. See docs/data.md.
 """
-from typing import Any, Callable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from PIL import Image, ImageOps
@@ -19,7 +19,7 @@ from timm.data.transforms import MaybePILToTensor, str_to_pil_interp
 __all__ = [
     'CIFAR10_MEAN', 'CIFAR10_STD', 'CIFAR100_MEAN', 'CIFAR100_STD', 'CIFAR_RE_SCALE', 'CIFAR_RE_RATIO',
     'TV_AUTO_AUGMENT_POLICIES', 'create_auto_augment', 'create_random_erasing', 'transforms_cifar_train',
-    'transforms_cifar_eval', 'create_train_transform', 'create_eval_transform', 'posterize_safe',
+    'transforms_cifar_eval', 'create_train_transform', 'create_eval_transform', 'eval_data_config', 'posterize_safe',
     'use_safe_posterize',
 ]
 
@@ -109,6 +109,9 @@ def create_auto_augment(
         img_size: Image size, sets the translation range (45% of the shorter side) as timm does.
         mean: Normalization mean, used as the fill color of geometric ops.
         interpolation: Interpolation of geometric ops ('random' for timm's random choice).
+
+    Raises:
+        ValueError: A policy string that names none of these.
     """
     fill = tuple(min(255, round(255 * x)) for x in mean)
     if auto_augment in TV_AUTO_AUGMENT_POLICIES:
@@ -116,12 +119,19 @@ def create_auto_augment(
     aa_params = dict(translate_const=int(min(_to_size(img_size)) * 0.45), img_mean=fill)
     if interpolation and interpolation != 'random':
         aa_params['interpolation'] = str_to_pil_interp(interpolation)
-    if auto_augment.startswith('rand'):
-        return use_safe_posterize(rand_augment_transform(auto_augment, aa_params))
-    if auto_augment.startswith('augmix'):
-        aa_params['translate_pct'] = 0.3
-        return use_safe_posterize(augment_and_mix_transform(auto_augment, aa_params))
-    return use_safe_posterize(auto_augment_transform(auto_augment, aa_params))
+    try:
+        if auto_augment.startswith('rand'):
+            return use_safe_posterize(rand_augment_transform(auto_augment, aa_params))
+        if auto_augment.startswith('augmix'):
+            aa_params['translate_pct'] = 0.3
+            return use_safe_posterize(augment_and_mix_transform(auto_augment, aa_params))
+        return use_safe_posterize(auto_augment_transform(auto_augment, aa_params))
+    except (AssertionError, KeyError, ValueError, IndexError) as e:  # timm's parsers assert on what they cannot read
+        detail = f' ({e})' if str(e) else ''
+        raise ValueError(
+            f'unknown auto-augment policy {auto_augment!r}{detail}: expected "cifar10" or "svhn" '
+            f'(torchvision), a RandAugment string such as "rand-m9-mstd0.5-inc1", an AugMix string such as '
+            f'"augmix-m5-w3", or an AutoAugment policy: original, originalr, v0, v0r, 3a.') from e
 
 
 def create_random_erasing(
@@ -317,3 +327,17 @@ def create_eval_transform(
         crop_pct=crop_pct,
         **kwargs,
     )
+
+
+def eval_data_config(data_config: Dict[str, Any], train_crop_mode: Optional[str] = None) -> Dict[str, Any]:
+    """What :func:`create_eval_transform` does to an image, as timm data-config keys (`input_size`, `interpolation`,
+    `mean`, `std`, `crop_pct`, `crop_mode`): timm's eval loader given them prepares the image the same way.
+
+    'pad' mode evaluates the whole image (resize to the input size, bilinear: ``crop_pct`` 1, ``crop_mode``
+    'center'); the other modes use ``data_config``'s crop and interpolation.
+    """
+    out = {k: data_config.get(k) for k in ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}
+    if train_crop_mode == 'pad':
+        out.update(interpolation='bilinear', crop_pct=1.0, crop_mode='center')
+    out['crop_mode'] = out['crop_mode'] or 'center'
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}

@@ -12,5 +12,8 @@ from .member_resnet import *
 from .division import (
     SPLIT_ARCHS, SplitArch, divide_weight_decay, get_split_arch, member_kwargs, supported_split_factors,
 )
-from .splitnet import ENSEMBLE_MODES, REGISTERED_SPLIT_FACTORS, SplitNet, create_splitnet, splitnet_cfg, splitnet_name
+from .splitnet import (
+    ENSEMBLE_MODES, REGISTERED_SPLIT_FACTORS, SplitNet, create_model, create_splitnet, parse_splitnet_name,
+    splitnet_cfg, splitnet_name,
+)
 from .splitnet_entrypoints import *

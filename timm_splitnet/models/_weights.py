@@ -4,20 +4,22 @@
 'state_dict', 'state_dict_ema' or 'model', DDP's 'module.' prefixes dropped; or a bare state dict) and loads them
 into `model`. For a SplitNet, a state dict without `models.<i>.` keys whose keys and shapes fit one member (an
 undivided timm network of the member's width) is loaded into every member. Errors are ValueErrors that say which file
-holds what.
+holds what. `peek_weights(path)` gives a file's tensor shapes and the data config a training run recorded in it,
+without reading the tensors.
 
 Hacked together by the timm-splitnet authors
 """
+import json
 import os
 from collections import OrderedDict
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .splitnet import SplitNet
 
-__all__ = ['read_weights_file', 'is_training_checkpoint', 'load_weights']
+__all__ = ['read_weights_file', 'peek_weights', 'is_training_checkpoint', 'load_weights']
 
 _STATE_KEYS = ('state_dict', 'model', 'module')
 
@@ -65,6 +67,52 @@ def read_weights_file(path: str, use_ema: bool = False) -> Tuple[Dict[str, torch
     if not tensors:
         raise ValueError(f'{path} holds no weights (keys: {", ".join(map(str, list(data)[:6]))}).')
     return _strip_prefix(tensors), f"'{where}'" if where else 'state dict'
+
+
+def _torch_load_lazily(path: str) -> Any:
+    """`torch.load` memory-mapped (tensors are read only when touched), plain for files of the legacy format."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if 'mmap' not in str(e):
+            raise
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def peek_weights(path: str, use_ema: bool = True) -> Tuple[Dict[str, Tuple[int, ...]], Optional[Dict[str, Any]]]:
+    """The tensor shapes in a weights file and the data config recorded with them, without reading the tensors.
+
+    Args:
+        path: `.safetensors` (header and metadata) or `.pth(.tar)` (memory-mapped).
+        use_ema: Take 'state_dict_ema' of a timm checkpoint when it has one (as timm's pretrained loading does).
+
+    Returns:
+        {key: shape} of the weights (DDP's 'module.' prefixes dropped) and the data config (`input_size`, `mean`,
+        `std`, `crop_pct`, `crop_mode`, `interpolation`) that train.py records, or None.
+
+    Raises:
+        ValueError: No such file, or a file that is not a readable weights file.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f'no weights file at {path}.')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors import safe_open
+            with safe_open(path, framework='pt') as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+                recorded = (f.metadata() or {}).get('data_config')
+            return shapes, json.loads(recorded) if recorded else None
+        data = _torch_load_lazily(path)
+    except Exception as e:  # safetensors and torch raise their own error types
+        raise ValueError(f'{path} is not a readable weights file: {e}') from e
+    if not isinstance(data, dict):
+        raise ValueError(f'{path} holds a {type(data).__name__}, not a state dict or checkpoint.')
+    keys = (('state_dict_ema', 'model_ema') if use_ema else ()) + _STATE_KEYS
+    where = next((k for k in keys if isinstance(data.get(k), dict)), None)
+    state = data[where] if where else data
+    shapes = _strip_prefix({k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)})
+    recorded = data.get('data_config') if where else None
+    return shapes, dict(recorded) if isinstance(recorded, dict) else None
 
 
 def _head_keys(module: nn.Module, prefix: str = '') -> List[str]:

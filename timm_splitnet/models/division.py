@@ -15,6 +15,7 @@ __all__ = [
     'SHAKE_SHAKE_BASE_WIDTH', 'WD_DIVIDE_MODES', 'SplitArch', 'SPLIT_ARCHS', 'wrn_widen_factor', 'resnext_cardinality',
     'densenet_growth_rate', 'pyramidnet_alpha', 'shakedrop_prob', 'divide_drop_rate', 'divide_weight_decay',
     'get_split_arch', 'member_kwargs', 'supported_split_factors', 'WRN50_STEM_WIDTH', 'MemberKwargs', 'DivisionRule',
+    'FORMULA_SPLIT_FACTORS',
 ]
 
 # ResNet / SE-ResNet on CIFAR: width W of the stem and of the first stage (stages are W*[1, 2, 4]), Appendix A.
@@ -40,6 +41,10 @@ SHAKE_SHAKE_BASE_WIDTH = {1: 96, 2: 64, 4: 48, 8: 32, 16: 24}
 WRN50_STEM_WIDTH = {1: 64, 2: 64, 4: 32}
 
 WD_DIVIDE_MODES = ('none', 'exp', 'linear')
+
+# the S a formula rule (a row without a table, split_factors=None) is defined for: 1 to 16, the largest S of the
+# paper's division tables; every one of them is registered in timm
+FORMULA_SPLIT_FACTORS = tuple(range(1, 17))
 
 MemberKwargs = Dict[str, Any]
 # a division rule: S -> the `timm.create_model` kwargs of one member
@@ -100,7 +105,7 @@ class SplitArch:
         name: Architecture name used in `splitnet_<name>_s<S>`.
         member: timm model name of one (undivided) member network.
         divide: Maps S to the member's `timm.create_model` kwargs.
-        split_factors: The S values the rule defines, or None for every S >= 1.
+        split_factors: The S values the rule's table defines, or None for a formula (S in `FORMULA_SPLIT_FACTORS`).
         dataset: 'cifar' (32x32, 100 classes) or 'imagenet' (224x224, 1000 classes).
         drop_rate: Classifier dropout of the undivided network (divided by sqrt(S)).
         first_conv: Module name of the member's first conv, when it differs from the member's pretrained cfg.
@@ -265,9 +270,15 @@ def get_split_arch(arch: str) -> SplitArch:
     return SPLIT_ARCHS[arch]
 
 
-def supported_split_factors(arch: str) -> Optional[Tuple[int, ...]]:
-    """The S values the division rule of `arch` defines (None: every S >= 1)."""
-    return get_split_arch(arch).split_factors
+def supported_split_factors(arch: str) -> Tuple[int, ...]:
+    """The S values the division rule of `arch` defines: its table's, or `FORMULA_SPLIT_FACTORS` for a formula."""
+    return get_split_arch(arch).split_factors or FORMULA_SPLIT_FACTORS
+
+
+def _format_split_factors(split_factors: Tuple[int, ...]) -> str:
+    if split_factors == FORMULA_SPLIT_FACTORS:
+        return f'{split_factors[0]} to {split_factors[-1]}'
+    return ', '.join(str(s) for s in split_factors)
 
 
 def member_kwargs(arch: str, split_factor: int) -> MemberKwargs:
@@ -279,8 +290,9 @@ def member_kwargs(arch: str, split_factor: int) -> MemberKwargs:
     spec = get_split_arch(arch)
     if not isinstance(split_factor, int) or split_factor < 1:
         raise ValueError(f'{arch}: the split factor S must be a positive integer, got {split_factor!r}.')
-    if spec.split_factors is not None and split_factor not in spec.split_factors:
+    supported = supported_split_factors(arch)
+    if split_factor not in supported:
         raise ValueError(
-            f'{arch}: its division rule does not define S={split_factor}; '
-            f'supported S: {", ".join(str(s) for s in spec.split_factors)}.')
+            f'{arch}: its division rule does not define S={split_factor}; supported S: '
+            f'{_format_split_factors(supported)}.')
     return spec.divide(split_factor)

@@ -9,8 +9,11 @@ Paper: `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
 
 Hacked together by the timm-splitnet authors
 """
+import json
 import logging
 import os
+import re
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import torch
@@ -19,20 +22,21 @@ import torch.nn as nn
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
-from timm.models._features import FeatureInfo
+from timm.models._features import FeatureGetterNet, FeatureInfo
 
 from ._backends import dense_view, resolve_backend
-from .division import divide_drop_rate, get_split_arch, member_kwargs
+from .division import SPLIT_ARCHS, divide_drop_rate, get_split_arch, member_kwargs
 
 __all__ = [
-    'SplitNet', 'create_splitnet', 'splitnet_cfg', 'splitnet_name', 'ensemble_training_message', 'ENSEMBLE_MODES',
-    'REGISTERED_SPLIT_FACTORS',
+    'SplitNet', 'create_splitnet', 'create_model', 'parse_splitnet_name', 'splitnet_cfg', 'splitnet_name',
+    'ensemble_training_message', 'ENSEMBLE_MODES', 'REGISTERED_SPLIT_FACTORS',
 ]
 
 _logger = logging.getLogger(__name__)
 
 ENSEMBLE_MODES = ('mean', 'max')
-# the S of the registered `splitnet_<arch>_s<S>` entrypoints (splitnet_entrypoints.py)
+# the S whose `splitnet_<arch>_s<S>` entrypoints are written out in splitnet_entrypoints.py; every other S a division
+# rule defines is registered there too, by a loop
 REGISTERED_SPLIT_FACTORS = (1, 2, 4)
 
 
@@ -144,6 +148,12 @@ class SplitNet(nn.Module):
         """Build the backend's programs for train and eval mode now; call before `torch.compile` (docs/backends.md)."""
         self.split_backend.prepare(self.models)
 
+    def __prepare_scriptable__(self) -> 'SplitNet':
+        """Called by `torch.jit.script` before it compiles a module: refuse with what works instead."""
+        raise RuntimeError(
+            f'{self.describe()}: TorchScript (torch.jit.script) is not supported; use torch.export.export, '
+            f'torch.jit.trace (a fixed input layout) or torch.compile.')
+
     # ----- timm model API -----
 
     @torch.jit.ignore
@@ -190,7 +200,7 @@ class SplitNet(nn.Module):
 
     def split_views(self, x: torch.Tensor) -> List[torch.Tensor]:
         """The input of every member: the same image [B, C, H, W], or view i of [B, S*C, H, W]."""
-        channels = x.shape[1] if x.ndim == 4 else None
+        channels = _static_channels(x)
         if channels == self.in_chans:
             return [x] * self.split_factor
         if channels == self.in_chans * self.split_factor:
@@ -358,6 +368,21 @@ class SplitNet(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
+def _static_channels(x: torch.Tensor) -> Optional[int]:
+    """The channel count of an image batch [B, C, H, W] (None for other shapes).
+
+    Under `torch.jit.trace` the count is read as a constant: a trace is specialised to the example's layout (one
+    image or S views) by design, so the conversion's TracerWarning would only be noise.
+    """
+    if x.ndim != 4:
+        return None
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', torch.jit.TracerWarning)
+            return int(x.shape[1])
+    return x.shape[1]
+
+
 def _classifier_params(member: nn.Module) -> List[tuple]:
     classifier = member.get_classifier()
     names = {id(p): n for n, p in member.named_parameters()}
@@ -369,6 +394,40 @@ def _classifier_params(member: nn.Module) -> List[tuple]:
 def splitnet_name(arch: str, split_factor: int) -> str:
     """Registry name of `arch` divided into `split_factor` members."""
     return f'splitnet_{arch}_s{split_factor}'
+
+
+_SPLITNET_NAME = re.compile(r'^splitnet_(?P<arch>.+)_s(?P<split_factor>\d+)$')
+
+
+def parse_splitnet_name(name: str) -> Optional[Tuple[str, int]]:
+    """(arch, S) of a `splitnet_<arch>_s<S>` name whose arch is in `SPLIT_ARCHS` (whatever S), else None."""
+    match = _SPLITNET_NAME.match(name)
+    if match is None or match['arch'] not in SPLIT_ARCHS:
+        return None
+    return match['arch'], int(match['split_factor'])
+
+
+def create_model(model_name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """`timm.create_model`, with the division rule's message for a SplitNet whose S the rule does not define.
+
+    Every S a rule defines is registered in timm; for another S timm only says "Unknown model". This names the
+    supported S instead, for plain names and for `local-dir:` / `hf-hub:` configs alike.
+
+    Raises:
+        ValueError: `splitnet_<arch>_s<S>` of a known arch and an S its rule does not define.
+    """
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        unknown = re.fullmatch(r'Unknown model \((.+)\)', str(e))
+        parsed = parse_splitnet_name(unknown[1]) if unknown else None
+        if parsed is None:
+            raise
+        try:
+            member_kwargs(*parsed)
+        except ValueError as rule:  # the rule's message, not timm's
+            raise rule from None
+        raise
 
 
 def splitnet_cfg(arch: str, split_factor: int) -> Dict[str, Any]:
@@ -426,7 +485,7 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
     kwargs.pop('pretrained_model_args', None)  # timm >= 1.0.31 hub/local-dir loading
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    if pretrained_cfg is None and variant not in timm.list_models(variant):
+    if pretrained_cfg is None and not timm.is_model(variant):
         pretrained_cfg = splitnet_cfg(arch, split_factor)
         pretrained_cfg['architecture'] = variant
     meta = _safetensors_metadata(overlay.get('file', '')) if pretrained else {}
@@ -438,8 +497,19 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
         # exported weights know their head: build it unless the caller asks for another head (then timm adapts it)
         overlay.setdefault('num_classes', int(meta['num_classes']))
         kwargs.setdefault('num_classes', int(meta['num_classes']))
+    if meta.get('data_config'):
+        # and the input they were trained at (size, crop, mean / std), unless the caller's overlay says otherwise
+        for key, value in json.loads(meta['data_config']).items():
+            overlay.setdefault(key, tuple(value) if isinstance(value, list) else value)
+    feature_cls = kwargs.get('feature_cls', 'getter')
+    if kwargs.get('features_only') and feature_cls not in ('getter', FeatureGetterNet):
+        raise ValueError(
+            f"{variant}: features_only supports feature_cls='getter' (the default) only, not {feature_cls!r}: a "
+            f"SplitNet's feature level is the members' outputs concatenated, which timm's hook / fx / list "
+            f"extractors cannot take from single modules.")
+    model_args = dict(kwargs)  # what rebuilds this model (exported to config.json, as timm.create_model records it)
     kwargs.setdefault('drop_rate', spec.drop_rate)
-    return build_model_with_cfg(
+    model = build_model_with_cfg(
         SplitNet,
         variant,
         pretrained,
@@ -452,4 +522,6 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
         member_kwargs=divided,
         **kwargs,
     )
+    model._model_args = dict(getattr(model, '_model_args', {}), **model_args)
+    return model
 

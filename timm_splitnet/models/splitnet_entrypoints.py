@@ -1,14 +1,17 @@
-""" Registered SplitNet models: `splitnet_<arch>_s<S>` for every architecture of `SPLIT_ARCHS` and S in (1, 2, 4)
+""" Registered SplitNet models: `splitnet_<arch>_s<S>` for every architecture of `SPLIT_ARCHS` and every S its division
+rule defines
 
 Each entrypoint is `create_splitnet(arch, S)`; `default_cfgs` holds their pretrained cfgs, derived from the member
-models' cfgs (the member modules must be imported first, as `timm_splitnet.models` does). Other S values that a
-division rule defines are built with `create_splitnet` directly.
+models' cfgs (the member modules must be imported first, as `timm_splitnet.models` does). The S = 1, 2, 4 entrypoints
+are written out below; the other S of each rule (its table's, or 1 to 16 for a formula) are registered by the loop at
+the end of the module, in the same form.
 
 Hacked together by the timm-splitnet authors
 """
 from timm.models import generate_default_cfgs, register_model
 
-from .splitnet import SplitNet, create_splitnet, splitnet_cfg
+from .division import SPLIT_ARCHS, supported_split_factors
+from .splitnet import REGISTERED_SPLIT_FACTORS, SplitNet, create_splitnet, splitnet_cfg, splitnet_name
 
 __all__ = []  # the entrypoints are reached through timm's registry
 
@@ -442,3 +445,25 @@ def splitnet_efficientnet_b3_cifar_s2(pretrained: bool = False, **kwargs) -> Spl
 def splitnet_efficientnet_b3_cifar_s4(pretrained: bool = False, **kwargs) -> SplitNet:
     """SplitNet EfficientNet-B3 (CIFAR strides) divided into S=4 co-trained members."""
     return create_splitnet('efficientnet_b3_cifar', 4, pretrained=pretrained, **kwargs)
+
+
+# ----- every other S a division rule defines -----
+
+
+def _register_entrypoint(arch: str, split_factor: int) -> None:
+    """Register `splitnet_<arch>_s<S>` as the written-out entrypoints above are (a named function, its cfg)."""
+    name = splitnet_name(arch, split_factor)
+
+    def entrypoint(pretrained: bool = False, **kwargs) -> SplitNet:
+        return create_splitnet(arch, split_factor, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__doc__ = f'SplitNet {SPLIT_ARCHS[arch].description} divided into S={split_factor} co-trained members.'
+    default_cfgs.update(generate_default_cfgs({name: splitnet_cfg(arch, split_factor)}))  # read by register_model
+    globals()[name] = register_model(entrypoint)
+
+
+for _arch in SPLIT_ARCHS:
+    for _split_factor in supported_split_factors(_arch):
+        if _split_factor not in REGISTERED_SPLIT_FACTORS:
+            _register_entrypoint(_arch, _split_factor)
