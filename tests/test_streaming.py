@@ -334,8 +334,9 @@ def test_train_streamed_views(kind, views, wds_shards, hf_shards, tmp_path):
             'hfids': ['--dataset', _hf_name(hf_shards), '--data-dir', str(tmp_path / 'cache')],
             'hfds': ['--dataset', f'hfds/{hf_shards}', '--data-dir', str(tmp_path / 'cache'), '--no-prefetcher']}[kind]
     extra = ['--views-on-device'] if views == 'device' else []
-    assert train.main([*data, *TINY, *extra, '--epochs', '1', '--train-num-samples', '100', '--output',
-                       str(tmp_path), '--experiment', 'x']) == 0
+    if kind != 'hfds':  # a short epoch; a map-style set knows its length and refuses a sample count
+        extra += ['--train-num-samples', '100']
+    assert train.main([*data, *TINY, *extra, '--epochs', '1', '--output', str(tmp_path), '--experiment', 'x']) == 0
     row, = _summary(tmp_path / 'x')
     assert row['train_loss_cot'] > 0 and 0 <= row['eval_top1'] <= 100 and row['eval_loss'] > 0
     assert (tmp_path / 'x' / 'model.safetensors').is_file()
