@@ -1,7 +1,8 @@
 """ ImageNet ResNet member backbones that timm's ResNet kwargs cannot express (plain timm models, not SplitNets)
 
 `seresnext101_64x4d_splitnet`: SE-ResNeXt-101 64x4d with a 64-64-64 deep stem, avg-pool shortcuts and SE after the
-last BN, built with timm's `ResNet`. See docs/models.md.
+last BN, built with timm's `ResNet`. `stem_pool='ceil'` selects the stem max-pool of the SENet code the paper's
+authors trained with (Cadene's: no padding, ceil mode) instead of timm's. See docs/models.md.
 
 Paper: `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
 
@@ -13,7 +14,10 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import Bottleneck, ResNet
 
-__all__ = []
+__all__ = ['STEM_POOLS']
+
+# stem max-pool variants: timm's MaxPool2d(3, 2, padding=1), or Cadene's SENet MaxPool2d(3, 2, ceil_mode=True)
+STEM_POOLS = ('pad', 'ceil')
 
 
 def _flat_deep_stem(model: ResNet, in_chans: int, stem_width: int) -> None:
@@ -30,11 +34,25 @@ def _flat_deep_stem(model: ResNet, in_chans: int, stem_width: int) -> None:
             nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
 
 
-def _create_flat_stem_resnet(variant: str, pretrained: bool = False, stem_width: int = 64, **kwargs) -> ResNet:
+def _set_stem_pool(model: ResNet, stem_pool: str) -> None:
+    """Select the stem max-pool: 'pad' (timm's, padding 1) or 'ceil' (no padding, ceil mode, as Cadene's SENet).
+
+    Both halve an even input; they differ in where the 3x3 windows sit, so weights trained with one give other
+    outputs with the other.
+    """
+    if stem_pool == 'ceil':
+        model.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, ceil_mode=True)
+
+
+def _create_flat_stem_resnet(
+        variant: str, pretrained: bool = False, stem_width: int = 64, stem_pool: str = 'pad', **kwargs) -> ResNet:
     kwargs.setdefault('in_chans', 3)
+    if stem_pool not in STEM_POOLS:
+        raise ValueError(f'{variant}: stem_pool must be one of {STEM_POOLS}, got {stem_pool!r}.')
     model = build_model_with_cfg(
         ResNet, variant, pretrained, stem_type='deep', stem_width=stem_width // 2, avg_down=True, **kwargs)
     _flat_deep_stem(model, kwargs['in_chans'], stem_width)
+    _set_stem_pool(model, stem_pool)
     return model
 
 
@@ -53,7 +71,10 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def seresnext101_64x4d_splitnet(pretrained: bool = False, **kwargs) -> ResNet:
-    """SE-ResNeXt-101 64x4d with the SplitNet paper's 64-64-64 deep stem. SplitNet divides `cardinality`."""
+    """SE-ResNeXt-101 64x4d with the SplitNet paper's 64-64-64 deep stem. SplitNet divides `cardinality`.
+
+    `stem_pool='ceil'` builds the authors' stem max-pool (their released weights need it).
+    """
     model_args = dict(
         block=Bottleneck, layers=(3, 4, 23, 3), cardinality=64, base_width=4, block_args=dict(attn_layer='se'))
     return _create_flat_stem_resnet('seresnext101_64x4d_splitnet', pretrained, **dict(model_args, **kwargs))
