@@ -9,6 +9,7 @@ Paper: `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
 
 Hacked together by the timm-splitnet authors
 """
+import json
 import logging
 import os
 from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
@@ -26,7 +27,7 @@ from .division import divide_drop_rate, get_split_arch, member_kwargs
 
 __all__ = [
     'SplitNet', 'create_splitnet', 'splitnet_cfg', 'splitnet_name', 'ensemble_training_message', 'ENSEMBLE_MODES',
-    'REGISTERED_SPLIT_FACTORS',
+    'REGISTERED_SPLIT_FACTORS', 'BUILD_ARGS_KEY',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ _logger = logging.getLogger(__name__)
 ENSEMBLE_MODES = ('mean', 'max')
 # the S of the registered `splitnet_<arch>_s<S>` entrypoints (splitnet_entrypoints.py)
 REGISTERED_SPLIT_FACTORS = (1, 2, 4)
+# safetensors metadata key (a JSON dict) of the member kwargs that converted weights need (e.g. the authors' BN eps)
+BUILD_ARGS_KEY = 'build_args'
 
 
 def ensemble_training_message(name: str) -> str:
@@ -438,6 +441,11 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
         # exported weights know their head: build it unless the caller asks for another head (then timm adapts it)
         overlay.setdefault('num_classes', int(meta['num_classes']))
         kwargs.setdefault('num_classes', int(meta['num_classes']))
+    for key, value in json.loads(meta.get(BUILD_ARGS_KEY) or '{}').items():
+        # settings without weights that the file's weights need (e.g. converted from the authors' code)
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(f'{overlay["file"]} needs {variant} built with {key}={value!r}, not {kwargs[key]!r}.')
+        kwargs[key] = value
     kwargs.setdefault('drop_rate', spec.drop_rate)
     return build_model_with_cfg(
         SplitNet,
