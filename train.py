@@ -65,6 +65,7 @@ from timm_splitnet.task import (
     CoTrainingTask, DataParallelTraining, MemberParallelTraining, is_splitnet, validate_members)
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.models._weights import is_training_checkpoint, load_weights
+from timm_splitnet.models.authors import checkpoint_build_kwargs
 from timm_splitnet.utils.train_state import (
     CheckpointKeeper, NotATrainingCheckpoint, gather_rng_states, load_checkpoint_file, set_rng_state)
 
@@ -584,6 +585,10 @@ def _create_model(args, num_classes: int) -> nn.Module:
     if in_chans is not None:
         model_kwargs['in_chans'] = in_chans
     pretrained = args.pretrained and not args.pretrained_path  # a --pretrained-path file is loaded below
+    if args.initial_checkpoint:  # a converted or authors' checkpoint: the model settings its weights need
+        with as_cli_error():
+            model_kwargs = checkpoint_build_kwargs(args.initial_checkpoint, dict(model_kwargs, num_classes=num_classes))
+        num_classes = model_kwargs.pop('num_classes')
     try:
         model = create_model_checked(args.model, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
     except CliError as e:
