@@ -23,9 +23,11 @@ import timm
 from timm_splitnet.models import SPLIT_ARCHS, create_splitnet, member_kwargs
 from timm_splitnet.models._authors_layouts import AUTHORS_ARCHS, map_member_keys
 from timm_splitnet.models._weights import load_weights
+from timm_splitnet.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from timm_splitnet.models.authors import (
-    authors_build_kwargs, authors_model_name, checkpoint_build_kwargs, convert_authors_state_dict,
-    export_authors_checkpoint, is_authors_checkpoint, load_authors_checkpoint, read_authors_checkpoint)
+    AuthorsCheckpoint, authors_build_kwargs, authors_data_cfg, authors_model_name, checkpoint_build_kwargs,
+    convert_authors_state_dict, export_authors_checkpoint, is_authors_checkpoint, load_authors_checkpoint,
+    read_authors_checkpoint)
 
 FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'authors'
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +136,13 @@ def test_convert_whole_checkpoint_on_meta(arch):
     assert list(state) == list(own)
     ids = {id(v) for v in ckpt['state_dict'].values()}
     assert all(id(v) in ids for v in state.values()) and len({id(v) for v in state.values()}) == len(state)
+    build = authors_build_kwargs(arch, spec.layouts[0])
+    if build:  # a default-built model would compute another function with these weights: refused
+        with torch.device('meta'):
+            default = create_splitnet(arch, 2)
+        setting = next(iter(build))
+        with pytest.raises(ValueError, match=f'not built the way the authors.*{setting}='):
+            convert_authors_state_dict(ckpt, default)
 
 
 # ----- real tensors on small networks: strict load and round trip -----
@@ -292,6 +301,8 @@ def test_export_then_timm_create_model_and_local_dir(release_zip, tmp_path):
     assert config['architecture'] == 'splitnet_resnet110_s2' and config['num_classes'] == 10
     assert config['authors']['source'].endswith('model_best.pth.tar')
     model = timm.create_model('splitnet_resnet110_s2', pretrained=True, pretrained_cfg_overlay=dict(file=weights))
+    assert (model.num_classes, model.pretrained_cfg['mean'], model.pretrained_cfg['std']) == (
+        10, CIFAR10_MEAN, CIFAR10_STD)  # their CIFAR-10 normalisation, recorded in the file
     reference = create_splitnet('resnet110', 2, num_classes=10)
     load_authors_checkpoint(reference, str(release_zip))
     for k, v in reference.state_dict().items():
@@ -313,10 +324,23 @@ def test_export_records_build_settings(tmp_path):
     with pytest.raises(ValueError, match=r'needs splitnet_efficientnet_b0_cifar_s2 built with bn_eps=0\.001'):
         timm.create_model('splitnet_efficientnet_b0_cifar_s2', pretrained=True, bn_eps=1e-5,
                           pretrained_cfg_overlay=dict(file=weights))
-    assert checkpoint_build_kwargs(weights) == {'bn_eps': 1e-3, 'num_classes': 100}
-    assert checkpoint_build_kwargs(str(path), {'num_classes': 100}) == {'bn_eps': 1e-3, 'num_classes': 100}
+    c100 = {'mean': CIFAR100_MEAN, 'std': CIFAR100_STD}
+    assert checkpoint_build_kwargs(weights) == {'bn_eps': 1e-3, 'num_classes': 100, 'pretrained_cfg_overlay': c100}
+    assert checkpoint_build_kwargs(str(path), {'num_classes': 100, 'pretrained_cfg_overlay': {'mean': (0, 0, 0)}}) \
+        == {'bn_eps': 1e-3, 'num_classes': 100, 'pretrained_cfg_overlay': dict(c100, mean=(0, 0, 0))}
     with pytest.raises(ValueError, match='needs the model built with bn_eps=0.001'):
         checkpoint_build_kwargs(str(path), {'bn_eps': 1e-5})
+
+
+def test_imagenet_crop_from_hparams_or_release_list():
+    state = {'models.0.fc.weight': torch.zeros(1000, 8)}
+    ckpt = AuthorsCheckpoint(path='run.pth.tar', source='run.pth.tar', state_dict=state,
+                             hparams={'dataset': 'imagenet', 'crop_size': 416})
+    assert authors_data_cfg(ckpt) == {'input_size': (3, 416, 416), 'pool_size': (13, 13)}
+    ckpt = AuthorsCheckpoint(path='/dl/efficientnetb7_split2_imagenet_128_02.zip', source='x', state_dict=state)
+    assert authors_data_cfg(ckpt)['input_size'] == (3, 320, 320)  # their release list: 320 px
+    ckpt = AuthorsCheckpoint(path='model_best.pth.tar', source='x', state_dict=state)
+    assert authors_data_cfg(ckpt) == {}  # nothing says the crop: the model's own cfg
 
 
 def test_zip_errors(tmp_path, release_zip):
@@ -379,6 +403,7 @@ def test_seresnext_stem_pool_variants():
 
 # ----- scripts -----
 
+@pytest.mark.slow
 def test_convert_script_and_validate_on_authors_zip(release_zip, tmp_path, image_folder):
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / 'scripts'))
@@ -394,3 +419,24 @@ def test_convert_script_and_validate_on_authors_zip(release_zip, tmp_path, image
     rows = [validate.main(common + ['--checkpoint', str(p)]) for p in (release_zip, out / 'model.safetensors')]
     assert rows[0][0]['top1'] == rows[1][0]['top1']
     assert rows[0][0]['checkpoint'] == str(release_zip)
+
+
+@pytest.mark.slow
+def test_train_initial_checkpoint_authors_zip(image_folder, tmp_path, caplog):
+    """train.py --initial-checkpoint takes their zip (a ResNet-110 cut to one block per stage, as the tiny model)."""
+    import importlib.util
+    import re
+    ckpt = _ckpt()
+    ckpt['state_dict'] = OrderedDict(
+        (k, v) for k, v in ckpt['state_dict'].items() if not re.search(r'\.layer[1-9]\.[1-9]\d*\.', k))  # one block a stage
+    path = write_release(tmp_path / 'resnet110_split2_cifar10_128_09.zip', ckpt, HPARAMS)
+    spec = importlib.util.spec_from_file_location('splitnet_train_script_authors', ROOT / 'train.py')
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    caplog.set_level('INFO')
+    train.main([str(a) for a in (
+        '--data-dir', image_folder, '--model', 'splitnet_resnet110_s2', '--model-kwargs', 'layers=(1,1,1)', '-b', 32,
+        '--workers', 0, '--device', 'cpu', '--epochs', 1, '--warmup-epochs', 0, '--output', tmp_path / 'out',
+        '--experiment', 'authors', '--initial-checkpoint', path)])
+    lines = [r.getMessage() for r in caplog.records if 'converted to splitnet_resnet110_s2' in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith('--initial-checkpoint: loaded resnet110_split2_cifar10_128_09.zip:')

@@ -9,6 +9,7 @@ member kwargs that make ours compute theirs, and converted files record them. Se
 """
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -22,16 +23,20 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+import timm
+
 from ..utils.checkpoint import atomic_save, weights_metadata
 from ._authors_layouts import (
     AUTHORS_ARCHS, AUTHORS_NOT_COVERED, AuthorsArch, authors_arch_for, classifier_key, detect_layout, map_member_keys)
 from ._authors_releases import find_release
-from .splitnet import BUILD_ARGS_KEY, SplitNet, create_splitnet, splitnet_name
+from .division import SPLIT_ARCHS, member_kwargs
+from ..data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+from .splitnet import BUILD_ARGS_KEY, DATA_CFG_KEY, SplitNet, create_splitnet, splitnet_name
 
 __all__ = [
     'AuthorsCheckpoint', 'convert_authors_state_dict', 'read_authors_checkpoint', 'is_authors_checkpoint',
     'authors_model_name', 'authors_build_kwargs', 'check_authors_build', 'load_authors_checkpoint',
-    'export_authors_checkpoint', 'checkpoint_build_kwargs', 'BUILD_ARGS_KEY',
+    'export_authors_checkpoint', 'checkpoint_build_kwargs', 'authors_data_cfg', 'check_authors_hparams',
 ]
 
 _STATE_KEYS = ('state_dict', 'model')
@@ -167,19 +172,22 @@ def convert_authors_state_dict(
         state_dict: Their checkpoint (a dict with 'state_dict' or 'model') or its state dict, keys
             `models.{i}.<member key>`, with or without `module.` prefixes (DataParallel / DDP).
         model: The SplitNet the weights are for (e.g. `timm.create_model('splitnet_wrn28_10_s4', num_classes=10)`);
-            only its keys and shapes are read, so it may live on the meta device.
+            only its keys, shapes and layer settings are read, so it may live on the meta device.
         source: Name of the file, for messages.
 
     Returns:
         The state dict of `model` (same tensors, our keys, our order).
 
     Raises:
-        ValueError: Another architecture, S or number of classes, an unknown or missing key or a shape mismatch;
-            the message names the key, what the model expects and what the file holds.
+        ValueError: Another architecture, S or number of classes, an unknown or missing key or a shape mismatch
+            (the message names the key, what the model expects and what the file holds), or a model not built with
+            the settings the weights need (`authors_build_kwargs`, e.g. EfficientNet's BN eps).
     """
     tensors, arch = _unwrap(state_dict)
     ckpt = AuthorsCheckpoint(path=source, source=source, state_dict=tensors, arch=arch)
-    return _convert(ckpt, model)
+    converted = _convert(ckpt, model)
+    check_authors_build(model, authors_build_kwargs(_model_arch(model)[0], ckpt.layout))
+    return converted
 
 
 def _convert(ckpt: AuthorsCheckpoint, model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -242,16 +250,17 @@ def authors_build_kwargs(arch: str, layout: Optional[str] = None) -> Dict[str, A
     return dict(spec.build.get(layout or spec.layouts[0], {}))
 
 
-def _build_signature(member: nn.Module) -> List[Tuple]:
-    """What the build settings change: BN eps, conv types / padding, max-pool padding / ceil mode."""
-    sig = []
-    for name, m in member.named_modules():
+def _build_signature(member: nn.Module) -> set:
+    """What the build settings change, whatever the depth: BN eps, type and padding of strided convs, max-pools."""
+    sig = set()
+    for m in member.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            sig.append((name, 'eps', m.eps))
-        elif isinstance(m, nn.Conv2d):
-            sig.append((name, type(m).__name__, tuple(m.padding) if not isinstance(m.padding, str) else m.padding))
+            sig.add(('BN eps', m.eps))
+        elif isinstance(m, nn.Conv2d) and max(m.stride) > 1:
+            padding = m.padding if isinstance(m.padding, str) else tuple(m.padding)
+            sig.add(('strided conv', type(m).__name__, tuple(m.kernel_size), padding))
         elif isinstance(m, nn.MaxPool2d):
-            sig.append((name, 'max_pool', m.padding, m.ceil_mode))
+            sig.add(('max-pool padding, ceil_mode', m.padding, m.ceil_mode))
     return sig
 
 
@@ -259,13 +268,17 @@ def check_authors_build(model: nn.Module, build: Dict[str, Any]) -> None:
     """Raise a ValueError unless `model` was built with the `build` kwargs the authors' weights need."""
     arch, _ = _model_arch(model)
     with torch.device('meta'):
-        reference = create_splitnet(arch, model.split_factor, num_classes=model.num_classes, **build).models[0]
-    for ours, ref in zip(_build_signature(model.models[0]), _build_signature(reference)):
-        if ours != ref:
-            settings = ', '.join(f'{k}={v!r}' for k, v in build.items()) or 'the default settings'
-            raise ValueError(
-                f'{model.describe()} was not built the way the authors\' weights need ({ours[0]}: {ours[1:]} instead '
-                f'of {ref[1:]}); create it with {settings}.')
+        reference = timm.create_model(
+            SPLIT_ARCHS[arch].member, num_classes=model.num_classes, **member_kwargs(arch, model.split_factor),
+            **build)
+    ours, ref = _build_signature(model.models[0]), _build_signature(reference)
+    if ours != ref:
+        settings = ', '.join(f'{k}={v!r}' for k, v in build.items()) or 'timm\'s default settings'
+        found = sorted(map(str, ours - ref))[:1] or ['?']
+        need = sorted(map(str, ref - ours))[:1] or ['?']
+        raise ValueError(
+            f'{model.describe()} was not built the way the authors\' weights need (it has {found[0]}, they need '
+            f'{need[0]}); create it with {settings}.')
 
 
 # ----- files -----
@@ -460,6 +473,32 @@ def _imagenet_crop(ckpt: AuthorsCheckpoint) -> Optional[int]:
     return release.img_size if release and release.dataset == 'ImageNet' else None
 
 
+def authors_data_cfg(ckpt: AuthorsCheckpoint) -> Dict[str, Any]:
+    """The pretrained-cfg entries of the run's evaluation: CIFAR-10 / CIFAR-100 normalisation, ImageNet crop.
+
+    ImageNet: their evaluation resizes to 1.15x the crop (bicubic) and center-crops, our ImageNet cfgs' crop_pct; the
+    crop is the run's (`hparams_train.json`, else the release list). {} where the file does not tell.
+    """
+    dataset = ckpt.hparams.get('dataset') or {10: 'cifar10', 100: 'cifar100', 1000: 'imagenet'}.get(ckpt.num_classes)
+    if dataset == 'cifar10':
+        return dict(mean=CIFAR10_MEAN, std=CIFAR10_STD)
+    if dataset == 'cifar100':
+        return dict(mean=CIFAR100_MEAN, std=CIFAR100_STD)
+    crop = _imagenet_crop(ckpt) if dataset == 'imagenet' else None
+    if crop:  # EfficientNet: also the size their SAME padding was built for
+        return dict(input_size=(3, crop, crop), pool_size=(math.ceil(crop / 32), math.ceil(crop / 32)))
+    return {}
+
+
+def _overlay(kwargs: Dict[str, Any], data_cfg: Dict[str, Any]) -> None:
+    """Add `data_cfg` under the caller's own `pretrained_cfg_overlay` entries."""
+    if data_cfg:
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+        for k, v in data_cfg.items():
+            overlay.setdefault(k, tuple(v) if isinstance(v, list) else v)
+        kwargs['pretrained_cfg_overlay'] = overlay
+
+
 _LAST: Dict[str, Any] = {}
 
 
@@ -525,6 +564,7 @@ def export_authors_checkpoint(
     meta = dict(weights_metadata(model))
     meta.update({
         BUILD_ARGS_KEY: json.dumps(build, sort_keys=True),
+        DATA_CFG_KEY: json.dumps(authors_data_cfg(ckpt), sort_keys=True),
         'source': ckpt.source,
         'source_md5': ckpt.md5 or '',
         'authors_arch': ckpt.arch or '',
@@ -543,14 +583,12 @@ def export_authors_checkpoint(
     atomic_save(weights, lambda tmp: save_file(tensors, tmp, metadata=meta))
     cfg = {k: v for k, v in dict(model.pretrained_cfg).items() if k not in ('url', 'file', 'hf_hub_id', 'state_dict')}
     cfg['num_classes'] = model.num_classes
-    crop = _imagenet_crop(ckpt)
-    if crop:
-        cfg['input_size'] = (3, crop, crop)
-        cfg['pool_size'] = None
-    cfg['source'] = 'authors'
+    data_cfg = authors_data_cfg(ckpt)
+    cfg.update(data_cfg)
+    authors = {k: v for k, v in meta.items() if k not in ('format', BUILD_ARGS_KEY, DATA_CFG_KEY)}
     config = dict(
         architecture=name, num_classes=model.num_classes, num_features=model.num_features, model_args=build,
-        pretrained_cfg=cfg, authors={k: v for k, v in meta.items() if k not in ('format', BUILD_ARGS_KEY)})
+        pretrained_cfg=cfg, authors=authors)
 
     def write(tmp: str) -> None:
         with open(tmp, 'w') as f:
@@ -561,7 +599,8 @@ def export_authors_checkpoint(
 
 
 def checkpoint_build_kwargs(path: str, kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """`kwargs` plus the model kwargs a weights file needs (its build kwargs and number of classes).
+    """`kwargs` plus the model kwargs a weights file needs: its build kwargs, number of classes and (under
+    `pretrained_cfg_overlay`) the input size and normalisation of the run that trained it.
 
     For a converted file (safetensors metadata) or an authors' checkpoint; other files add nothing. A kwarg the caller
     set to another value than the file needs raises a ValueError.
@@ -577,10 +616,11 @@ def checkpoint_build_kwargs(path: str, kwargs: Optional[Dict[str, Any]] = None) 
                 meta = dict(f.metadata() or {})
         except Exception:  # not readable: the loader reports it
             return kwargs
-        if BUILD_ARGS_KEY in meta:  # a converted authors' checkpoint: build its model and head
+        if BUILD_ARGS_KEY in meta:  # a converted authors' checkpoint: build its model, head and data cfg
             need.update(json.loads(meta[BUILD_ARGS_KEY]))
             if meta.get('num_classes', '').isdigit():
                 kwargs.setdefault('num_classes', int(meta['num_classes']))
+            _overlay(kwargs, json.loads(meta.get(DATA_CFG_KEY) or '{}'))
     elif is_authors_checkpoint(path):
         ckpt = _cached_read(path)
         arch = authors_arch_for(ckpt.arch, ckpt.dataset) if ckpt.arch else None
@@ -588,6 +628,7 @@ def checkpoint_build_kwargs(path: str, kwargs: Optional[Dict[str, Any]] = None) 
             need.update(authors_build_kwargs(arch.arch, ckpt.layout))
         if ckpt.num_classes is not None:
             kwargs.setdefault('num_classes', ckpt.num_classes)
+        _overlay(kwargs, authors_data_cfg(ckpt))
     for k, v in need.items():
         if k in kwargs and kwargs[k] != v:
             raise ValueError(f'{path} needs the model built with {k}={v!r}, but {k}={kwargs[k]!r} was asked for.')

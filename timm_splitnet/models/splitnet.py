@@ -27,7 +27,7 @@ from .division import divide_drop_rate, get_split_arch, member_kwargs
 
 __all__ = [
     'SplitNet', 'create_splitnet', 'splitnet_cfg', 'splitnet_name', 'ensemble_training_message', 'ENSEMBLE_MODES',
-    'REGISTERED_SPLIT_FACTORS', 'BUILD_ARGS_KEY',
+    'REGISTERED_SPLIT_FACTORS', 'BUILD_ARGS_KEY', 'DATA_CFG_KEY',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -35,8 +35,10 @@ _logger = logging.getLogger(__name__)
 ENSEMBLE_MODES = ('mean', 'max')
 # the S of the registered `splitnet_<arch>_s<S>` entrypoints (splitnet_entrypoints.py)
 REGISTERED_SPLIT_FACTORS = (1, 2, 4)
-# safetensors metadata key (a JSON dict) of the member kwargs that converted weights need (e.g. the authors' BN eps)
+# safetensors metadata keys (JSON dicts) of converted weights: the member kwargs they need (e.g. the authors' BN eps)
+# and the pretrained-cfg entries of the run that trained them (input size, normalisation)
 BUILD_ARGS_KEY = 'build_args'
+DATA_CFG_KEY = 'data_cfg'
 
 
 def ensemble_training_message(name: str) -> str:
@@ -446,6 +448,8 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
         if key in kwargs and kwargs[key] != value:
             raise ValueError(f'{overlay["file"]} needs {variant} built with {key}={value!r}, not {kwargs[key]!r}.')
         kwargs[key] = value
+    for key, value in json.loads(meta.get(DATA_CFG_KEY) or '{}').items():
+        overlay.setdefault(key, tuple(value) if isinstance(value, list) else value)
     kwargs.setdefault('drop_rate', spec.drop_rate)
     return build_model_with_cfg(
         SplitNet,
