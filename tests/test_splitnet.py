@@ -104,7 +104,7 @@ def test_registry_lists_every_entrypoint():
     names = set(timm.list_models('splitnet_*'))
     expected = {f'splitnet_{a}_s{s}' for a in SPLIT_ARCHS for s in (1, 2, 4)}
     assert expected <= names
-    assert len(SPLIT_ARCHS) == 20
+    assert len(SPLIT_ARCHS) == 22
 
 
 def test_split_arch_rows_use_keyword_fields():

@@ -46,6 +46,9 @@ AUTHORS_ARCHS: Dict[str, AuthorsArch] = {a.arch: a for a in (
     AuthorsArch('resnext101_64x4d', 'resnext101_64x4d', 'imagenet', ('resnet',)),
     AuthorsArch('seresnext101_64x4d', 'se_resnext101_64x4d', 'imagenet', ('senet',),
                 build={'senet': {'stem_pool': 'ceil'}}),
+    AuthorsArch('seresnext101_64x4d_b', 'se_resnext101_64x4d_B', 'imagenet', ('senet',),
+                build={'senet': {'stem_pool': 'ceil'}}),
+    AuthorsArch('seresnet50', 'se_resnet50', 'imagenet', ('senet',), build={'senet': {'stem_pool': 'ceil'}}),
     AuthorsArch('efficientnet_b7', 'efficientnetb7', 'imagenet', ('lukemelas', 'lightnet'),
                 build={'lukemelas': _EFFICIENTNET_LUKEMELAS, 'lightnet': _EFFICIENTNET_LIGHTNET}),
     AuthorsArch('resnet110', 'resnet110', 'cifar', ('resnet',)),
@@ -67,8 +70,6 @@ AUTHORS_ARCHS: Dict[str, AuthorsArch] = {a.arch: a for a in (
 
 # the authors' networks with released weights that have no architecture here, and why
 AUTHORS_NOT_COVERED = {
-    'se_resnet50': 'SE-ResNet-50 (ImageNet) is not an architecture of this package',
-    'se_resnext101_64x4d_B': 'the "_B" SE-ResNeXt-101 (64-64-128 stem) is not an architecture of this package',
     'resnexst50_4x16d': 'ResNeXSt (ResNeXt with split attention) is not an architecture of this package',
     'resnexst50_8x16d': 'ResNeXSt (ResNeXt with split attention) is not an architecture of this package',
     'resnexst50_4x32d': 'ResNeXSt (ResNeXt with split attention) is not an architecture of this package',

@@ -39,7 +39,7 @@ def _cifar(name, model, classes, top1):
 
 AUTHORS_RELEASES: Tuple[AuthorsRelease, ...] = (
     _imagenet('resnet50_split1_imagenet_256_06', 'splitnet_resnet50_s1', 78.84, 94.47),
-    _imagenet('se_resnet50_split1_imagenet_256_01', None, 79.47, 94.54),
+    _imagenet('se_resnet50_split1_imagenet_256_01', 'splitnet_seresnet50_s1', 79.47, 94.54),
     _imagenet('resnexst50_4x16d_split1_imagenet_256_01', None, 79.85, 94.98),
     _imagenet('resnexst50_8x16d_split1_imagenet_256_03', None, 80.90, 95.36),
     _imagenet('resnexst50_4x32d_split1_imagenet_256_05', None, 81.10, 95.49),
@@ -53,7 +53,7 @@ AUTHORS_RELEASES: Tuple[AuthorsRelease, ...] = (
     _imagenet('efficientnetb7_split1_imagenet_128_03', 'splitnet_efficientnet_b7_s1', 81.83, 95.78, 320),
     _imagenet('efficientnetb7_split2_imagenet_128_02', 'splitnet_efficientnet_b7_s2', 82.74, 96.30, 320),
     _imagenet('se_resnext101_64x4d_split2_imagenet_128_02', 'splitnet_seresnext101_64x4d_s2', 83.34, 96.61, 416),
-    _imagenet('se_resnext101_64x4d_B_split2_imagenet_128_05', None, 83.60, 96.69, 320),
+    _imagenet('se_resnext101_64x4d_B_split2_imagenet_128_05', 'splitnet_seresnext101_64x4d_b_s2', 83.60, 96.69, 320),
     _cifar('wide_resnet28_10_split1_cifar100_128_01_acc84.5', 'splitnet_wrn28_10_s1', 100, 84.50),
     _cifar('wide_resnet28_10_split2_cifar100_128_02_acc85.52', 'splitnet_wrn28_10_s2', 100, 85.52),
     _cifar('wide_resnet28_10_split4_cifar100_128_03_acc85.74', 'splitnet_wrn28_10_s4', 100, 85.74),
