@@ -148,15 +148,20 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def check(splitnet_module, spec: AuthorsArch, split_factor: int, layout: str, batch_size: int, seed: int,
-          img_size: Optional[int] = None) -> Dict[str, Any]:
+          img_size: Optional[int] = None, default_build: bool = False) -> Dict[str, Any]:
     img_size = img_size or _IMG_SIZE[spec.dataset]
     torch.manual_seed(seed)
     theirs = build_authors(splitnet_module, spec, split_factor, layout, img_size)
     calibration = torch.randn(max(batch_size, 4), 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
     randomise(theirs, calibration, seed)
     build = authors_build_kwargs(spec.arch, layout)
+    with torch.device('meta'):
+        reference = create_splitnet(spec.arch, split_factor, num_classes=num_classes(spec), **build)
+    state = convert_authors_state_dict(authors_checkpoint(theirs, spec), reference)
+    if default_build:  # to show what the build settings change: timm's defaults, the same weights
+        build = {}
     ours = create_splitnet(spec.arch, split_factor, num_classes=num_classes(spec), **build).eval()
-    ours.load_state_dict(convert_authors_state_dict(authors_checkpoint(theirs, spec), ours), strict=True)
+    ours.load_state_dict(state, strict=True)
     x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed + 1))
     row = dict(arch=spec.arch, authors_arch=spec.authors_arch, layout=layout, split_factor=split_factor,
                img_size=img_size, build=build, params_ours=count_params(ours), params_theirs=count_params(theirs))
@@ -261,6 +266,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--seed', type=int, default=0, help='seed of the weights and the batch')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--json', default='', metavar='PATH', help='also write the rows to this JSON file')
+    parser.add_argument('--default-build', action='store_true',
+                        help='build ours with timm\'s defaults instead of the build settings the conversion records '
+                             '(shows what the settings change)')
     parser.add_argument('--write-fixtures', default='', metavar='DIR',
                         help='write their key names and shapes (the CI fixtures) to DIR instead of checking')
     args = parser.parse_args(argv)
@@ -280,7 +288,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for layout in spec.layouts:
             for s in args.split_factors:
                 start = time.time()
-                row = check(splitnet_module, spec, s, layout, args.batch_size, args.seed)
+                row = check(splitnet_module, spec, s, layout, args.batch_size, args.seed,
+                            default_build=args.default_build)
                 row['seconds'] = round(time.time() - start, 1)
                 rows.append(row)
                 print(f'{splitnet_name(arch, s):36s} {layout:9s} params {row["params_ours"]:>11,} / '

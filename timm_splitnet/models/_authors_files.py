@@ -182,17 +182,19 @@ def _read_zip(path: str) -> AuthorsCheckpoint:
                 except (ValueError, UnicodeDecodeError) as e:
                     raise ValueError(f'{path}: {hparams_names[0]} is not valid JSON: {e}') from e
             md5_names = [n for n in names if 'md5' in os.path.basename(n).lower() and n != member]
-            expected = None
+            expected, md5_name = None, None
             for name in md5_names:
-                expected = _expected_md5(archive.read(name).decode('utf-8', 'replace'), base) or expected
+                found = _expected_md5(archive.read(name).decode('utf-8', 'replace'), base)
+                if found:
+                    expected, md5_name = found, name
             with tempfile.TemporaryDirectory() as tmp:
                 extracted = os.path.join(tmp, base)
                 with archive.open(member) as src, open(extracted, 'wb') as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
                 md5 = _md5(extracted)
                 if expected is not None and md5 != expected:
-                    raise ValueError(f'{source}: md5 {md5} differs from the {expected} in the zip\'s md5 file; the '
-                                     f'download is damaged.')
+                    raise ValueError(f'{source}: md5 {md5} differs from the {expected} in {md5_name}; the download '
+                                     f'is damaged (the extracted {base} is taken without this check).')
                 data = _load_torch(extracted, source)
                 state, arch = unwrap_authors_checkpoint(data)
                 state = OrderedDict((k, v.clone()) for k, v in state.items())  # off the temporary file
