@@ -8,7 +8,8 @@
 Their model code (CC-BY-NC) is imported from that folder at run time; nothing of it is copied into this package.
 For every architecture both define (`timm_splitnet.models._authors_layouts.AUTHORS_ARCHS`) and every S: their
 SplitNet is built with their own classes and argument names, every parameter is randomised and the BN statistics are
-estimated on a random batch (a well-conditioned network, so that float32 errors mean something), its state dict is
+estimated on random images that include the checked batch (a well-conditioned network, so that float32 errors mean
+something), its state dict is
 saved the way their training script saves it (`{'arch', 'state_dict': module.models.<i>.*}`), converted with
 `convert_authors_state_dict` and loaded into ours, built with the conversion's build kwargs. Both run in eval mode
 on the same random batch, in float64 and in float32. A row passes when, in float64, the members' and the ensemble's
@@ -152,8 +153,11 @@ def check(splitnet_module, spec: AuthorsArch, split_factor: int, layout: str, ba
     img_size = img_size or _IMG_SIZE[spec.dataset]
     torch.manual_seed(seed)
     theirs = build_authors(splitnet_module, spec, split_factor, layout, img_size)
-    calibration = torch.randn(max(batch_size, 4), 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
-    randomise(theirs, calibration, seed)
+    x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed + 1))
+    # the checked batch is part of the calibration batch: at these small inputs the last stages see 2x2 maps, whose
+    # statistics from other images would leave some channels unnormalised (the logits then carry float32 noise)
+    extra = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+    randomise(theirs, torch.cat([x, extra]), seed)
     build = authors_build_kwargs(spec.arch, layout)
     with torch.device('meta'):
         reference = create_splitnet(spec.arch, split_factor, num_classes=num_classes(spec), **build)
@@ -162,7 +166,6 @@ def check(splitnet_module, spec: AuthorsArch, split_factor: int, layout: str, ba
         build = {}
     ours = create_splitnet(spec.arch, split_factor, num_classes=num_classes(spec), **build).eval()
     ours.load_state_dict(state, strict=True)
-    x = torch.randn(batch_size, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed + 1))
     row = dict(arch=spec.arch, authors_arch=spec.authors_arch, layout=layout, split_factor=split_factor,
                img_size=img_size, build=build, params_ours=count_params(ours), params_theirs=count_params(theirs))
     theirs32 = run_theirs(theirs, x)
