@@ -9,9 +9,9 @@ Their model code (CC-BY-NC) is imported from that folder at run time; nothing of
 For every architecture both define (`timm_splitnet.models._authors_layouts.AUTHORS_ARCHS`) and every S: their
 SplitNet is built with their own classes and argument names, every parameter is randomised and the BN statistics are
 estimated on random images that include the checked batch (a well-conditioned network, so that float32 errors mean
-something), its state dict is
-saved the way their training script saves it (`{'arch', 'state_dict': module.models.<i>.*}`), converted with
-`convert_authors_state_dict` and loaded into ours, built with the conversion's build kwargs. Both run in eval mode
+something), its state dict is saved the way their training script saves it (`{'arch', 'state_dict':
+module.models.<i>.*}`), converted with `convert_authors_state_dict` and loaded into ours, built with the conversion's
+build kwargs. Both run in eval mode
 on the same random batch, in float64 and in float32. A row passes when, in float64, the members' and the ensemble's
 largest |difference| is at most 1e-8 x the largest |logit|, and in float32 our difference to their float32 logits is
 no larger than their own float32-vs-float64 error.
