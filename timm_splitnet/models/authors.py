@@ -116,6 +116,8 @@ def _convert(ckpt: AuthorsCheckpoint, model: nn.Module) -> Dict[str, torch.Tenso
             key = prefix + ours if ours is not None else None
             if key is None or key not in own:
                 raise _mismatch(model, spec, holds, f'unknown key {prefix + theirs!r}', source)
+            if key in converted:
+                raise _mismatch(model, spec, holds, f'{prefix + theirs!r} and another key both name {key!r}', source)
             value = member[theirs]
             if tuple(value.shape) != tuple(own[key].shape):
                 raise _mismatch(model, spec, holds, f'shape mismatch at {prefix + theirs!r} (ours {key!r}): file '
