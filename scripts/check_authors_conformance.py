@@ -242,17 +242,34 @@ def fmt(x: float) -> str:
     return f'{x:.1e}' if x else '0'
 
 
+def _params(r: Dict[str, Any]) -> str:
+    ours = f'{r["params_ours"] / 1e6:.2f}'
+    return ours if r['params_ours'] == r['params_theirs'] else f'{ours} / {r["params_theirs"] / 1e6:.2f}'
+
+
+def _f64(r: Dict[str, Any]) -> str:
+    return f'{fmt(r["f64_members"])}, {fmt(r["f64_ensemble"])}'
+
+
+def _f32(r: Dict[str, Any]) -> str:
+    return f'{fmt(r["f32_ours"])} / {fmt(r["f32_theirs"])}'
+
+
 def markdown(rows: List[Dict[str, Any]]) -> str:
+    """One line per architecture and key layout, the values for each S separated by ';'."""
     lines = [
-        '| architecture | their arch (code) | S | px | params ours / theirs | f64 max diff members / ensemble '
-        '(x max logit) | f32 ours vs theirs / their f32 vs f64 | pass |',
-        '|---|---|---|---|---|---|---|---|',
+        '| architecture | theirs (code) | S | params ours / theirs (M) | float64: max \\|diff\\| / max \\|logit\\| '
+        '(members, ensemble) | float32: ours vs theirs / their float32 vs float64 | pass |',
+        '|---|---|---|---|---|---|---|',
     ]
+    groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for r in rows:
-        lines.append(
-            f'| {r["arch"]} | {r["authors_arch"]} ({r["layout"]}) | {r["split_factor"]} | {r["img_size"]} | '
-            f'{r["params_ours"]:,} / {r["params_theirs"]:,} | {fmt(r["f64_members"])} / {fmt(r["f64_ensemble"])} | '
-            f'{fmt(r["f32_ours"])} / {fmt(r["f32_theirs"])} | {"yes" if r["ok"] else "NO"} |')
+        groups.setdefault((r['arch'], r['layout']), []).append(r)
+    for (arch, layout), rs in groups.items():
+        s, params, f64, f32 = (' ; '.join(fn(r) for r in rs) for fn in (
+            lambda r: str(r['split_factor']), _params, _f64, _f32))
+        lines.append(f'| {arch} | {rs[0]["authors_arch"]} ({layout}) | {s} | {params} | {f64} | {f32} | '
+                     f'{"yes" if all(r["ok"] for r in rs) else "NO"} |')
     return '\n'.join(lines)
 
 
