@@ -3,7 +3,7 @@
 
     python scripts/convert_authors_checkpoint.py wide_resnet28_10_split4_cifar100_128_03_acc85.74.zip \\
         --model splitnet_wrn28_10_s4 --out weights/wrn28_10_s4_c100
-    python validate.py /data/cifar100 --dataset torch/cifar100 --model splitnet_wrn28_10_s4 \\
+    python validate.py /data/cifar100 --dataset torch/cifar100 --split test --model splitnet_wrn28_10_s4 \\
         --checkpoint weights/wrn28_10_s4_c100/model.safetensors
 
 INPUT is a release zip (`model_best.pth.tar`, its md5, `hparams_train.json`; the md5 is checked and the hparams must
@@ -24,7 +24,8 @@ from timm_splitnet.models.authors import export_authors_checkpoint
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split('\n\n', 1)[1])
     parser.add_argument('input', metavar='INPUT', help='the authors\' release zip or model_best.pth.tar')
     parser.add_argument('--model', '-m', default=None, metavar='NAME',
                         help='model to convert to, splitnet_<arch>_s<S> (default: from the checkpoint)')
