@@ -13,8 +13,9 @@ something), its state dict is saved the way their training script saves it (`{'a
 module.models.<i>.*}`), converted with `convert_authors_state_dict` and loaded into ours, built with the conversion's
 build kwargs. Both run in eval mode
 on the same random batch, in float64 and in float32. A row passes when, in float64, the members' and the ensemble's
-largest |difference| is at most 1e-8 x the largest |logit|, and in float32 our difference to their float32 logits is
-no larger than their own float32-vs-float64 error.
+largest |difference| is at most 1e-8 x the largest |logit|, and in float32 our error (against their float64 logits)
+is at the level of their own float32-vs-float64 error (at most 2x: where both round the same way, e.g. every ResNet,
+the float32 logits are equal bit for bit; EfficientNet's SiLU rounds differently from their x * sigmoid(x)).
 
 `--write-fixtures DIR` writes, instead, the key names and shapes of their members (one gzipped JSON per
 architecture, S = 1, 2, 4), the facts the CI tests of the converter run on.
@@ -46,6 +47,10 @@ from timm_splitnet.models._authors_layouts import AUTHORS_ARCHS, AuthorsArch
 from timm_splitnet.models.splitnet import create_splitnet, splitnet_name
 
 _ALIAS = '_splitnet_authors_model'
+# pass: float64 logits within F64_TOL x the largest |logit|; our float32 error within F32_FACTOR x theirs (two float32
+# implementations that round differently, e.g. SiLU vs x * sigmoid(x), have errors of the same size, not equal ones)
+F64_TOL = 1e-8
+F32_FACTOR = 2.
 # input size per dataset: the smallest that keeps every architecture's final map at least 2x2
 _IMG_SIZE = {'imagenet': 64, 'cifar': 32}
 
@@ -178,9 +183,12 @@ def check(splitnet_module, spec: AuthorsArch, split_factor: int, layout: str, ba
     row['max_logit'] = scale
     row['f64_members'] = max_abs(ours64[0], theirs64[0]) / scale
     row['f64_ensemble'] = max_abs(ours64[1], theirs64[1]) / scale
-    row['f32_ours'] = max(max_abs(ours32[0], theirs32[0]), max_abs(ours32[1], theirs32[1])) / scale
+    # float32: our error and theirs against their float64 logits, and ours against theirs
+    row['f32_ours'] = max(max_abs(ours32[0], theirs64[0]), max_abs(ours32[1], theirs64[1])) / scale
     row['f32_theirs'] = max(max_abs(theirs32[0], theirs64[0]), max_abs(theirs32[1], theirs64[1])) / scale
-    row['ok'] = max(row['f64_members'], row['f64_ensemble']) <= 1e-8 and row['f32_ours'] <= row['f32_theirs']
+    row['f32_ours_vs_theirs'] = max(max_abs(ours32[0], theirs32[0]), max_abs(ours32[1], theirs32[1])) / scale
+    row['ok'] = max(row['f64_members'], row['f64_ensemble']) <= F64_TOL and \
+        row['f32_ours'] <= F32_FACTOR * row['f32_theirs']
     del theirs, ours
     gc.collect()
     return row
@@ -252,14 +260,14 @@ def _f64(r: Dict[str, Any]) -> str:
 
 
 def _f32(r: Dict[str, Any]) -> str:
-    return f'{fmt(r["f32_ours"])} / {fmt(r["f32_theirs"])}'
+    return f'{fmt(r["f32_ours"])} / {fmt(r["f32_theirs"])}' + ('' if r['f32_ours_vs_theirs'] else ' (equal)')
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
     """One line per architecture and key layout, the values for each S separated by ';'."""
     lines = [
         '| architecture | theirs (code) | S | params ours / theirs (M) | float64: max \\|diff\\| / max \\|logit\\| '
-        '(members, ensemble) | float32: ours vs theirs / their float32 vs float64 | pass |',
+        '(members, ensemble) | float32 error (vs their float64): ours / theirs | pass |',
         '|---|---|---|---|---|---|---|',
     ]
     groups: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
@@ -314,7 +322,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 rows.append(row)
                 print(f'{splitnet_name(arch, s):36s} {layout:9s} params {row["params_ours"]:>11,} / '
                       f'{row["params_theirs"]:>11,}  f64 {fmt(row["f64_members"])} / {fmt(row["f64_ensemble"])}  '
-                      f'f32 {fmt(row["f32_ours"])} <= {fmt(row["f32_theirs"])}  '
+                      f'f32 {fmt(row["f32_ours"])} vs {fmt(row["f32_theirs"])} '
+                      f'(ours - theirs {fmt(row["f32_ours_vs_theirs"])})  '
                       f'{"ok" if row["ok"] else "DIFFERENT"}  ({row["seconds"]} s)', flush=True)
     print()
     print(markdown(rows))
