@@ -153,8 +153,22 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
+class SwishMul(nn.Module):
+    """x * sigmoid(x), computed as their Swish computes it (timm's SiLU rounds differently in float32)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x)
+
+
+def use_swish_mul(model: nn.Module) -> None:
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.SiLU):
+                setattr(module, name, SwishMul())
+
+
 def check(splitnet_module, spec: AuthorsArch, split_factor: int, layout: str, batch_size: int, seed: int,
-          img_size: Optional[int] = None, default_build: bool = False) -> Dict[str, Any]:
+          img_size: Optional[int] = None, default_build: bool = False, swish_mul: bool = False) -> Dict[str, Any]:
     img_size = img_size or _IMG_SIZE[spec.dataset]
     torch.manual_seed(seed)
     theirs = build_authors(splitnet_module, spec, split_factor, layout, img_size)
@@ -171,6 +185,8 @@ def check(splitnet_module, spec: AuthorsArch, split_factor: int, layout: str, ba
         build = {}
     ours = create_splitnet(spec.arch, split_factor, num_classes=num_classes(spec), **build).eval()
     ours.load_state_dict(state, strict=True)
+    if swish_mul:
+        use_swish_mul(ours)
     row = dict(arch=spec.arch, authors_arch=spec.authors_arch, layout=layout, split_factor=split_factor,
                img_size=img_size, build=build, params_ours=count_params(ours), params_theirs=count_params(theirs))
     theirs32 = run_theirs(theirs, x)
@@ -294,6 +310,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--seed', type=int, default=0, help='seed of the weights and the batch')
     parser.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     parser.add_argument('--json', default='', metavar='PATH', help='also write the rows to this JSON file')
+    parser.add_argument('--swish-mul', action='store_true',
+                        help='replace our SiLU by x * sigmoid(x), their Swish: shows that the float32 difference of '
+                             'the EfficientNets is the activation\'s rounding alone')
     parser.add_argument('--default-build', action='store_true',
                         help='build ours with timm\'s defaults instead of the build settings the conversion records '
                              '(shows what the settings change)')
@@ -317,7 +336,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             for s in args.split_factors:
                 start = time.time()
                 row = check(splitnet_module, spec, s, layout, args.batch_size, args.seed,
-                            default_build=args.default_build)
+                            default_build=args.default_build, swish_mul=args.swish_mul)
                 row['seconds'] = round(time.time() - start, 1)
                 rows.append(row)
                 print(f'{splitnet_name(arch, s):36s} {layout:9s} params {row["params_ours"]:>11,} / '
