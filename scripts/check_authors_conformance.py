@@ -138,9 +138,33 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _CpuFloatTensor:
+    """Stands in for `torch.cuda.FloatTensor` without a GPU: their PyramidNet makes the zero channels of its shortcut
+    with it in every forward (`model/pyramidnet.py:183`), values that do not depend on the device."""
+
+    def __new__(cls, *args):
+        if len(args) == 1 and isinstance(args[0], (list, tuple)):
+            return torch.tensor(args[0], dtype=torch.float32)
+        return torch.empty(*args, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def cuda_tensors_on_cpu():
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.FloatTensor
+    torch.cuda.FloatTensor = _CpuFloatTensor
+    try:
+        yield
+    finally:
+        torch.cuda.FloatTensor = saved
+
+
 @torch.no_grad()
 def run_theirs(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    ensemble, members, _ = model(x, target=None, mode='val')
+    with cuda_tensors_on_cpu():
+        ensemble, members, _ = model(x, target=None, mode='val')
     return members, ensemble
 
 
