@@ -14,8 +14,9 @@ module.models.<i>.*}`), converted with `convert_authors_state_dict` and loaded i
 build kwargs. Both run in eval mode
 on the same random batch, in float64 and in float32. A row passes when, in float64, the members' and the ensemble's
 largest |difference| is at most 1e-8 x the largest |logit|, and in float32 our error (against their float64 logits)
-is at the level of their own float32-vs-float64 error (at most 2x: where both round the same way, e.g. every ResNet,
-the float32 logits are equal bit for bit; EfficientNet's SiLU rounds differently from their x * sigmoid(x)).
+is of the size of their own float32-vs-float64 error (at most 4x). Where both round the same way, e.g. every ResNet,
+the float32 logits are equal bit for bit; the EfficientNets' SiLU rounds differently from their x * sigmoid(x), and
+`--swish-mul` (ours computed as theirs) makes those equal too.
 
 `--write-fixtures DIR` writes, instead, the key names and shapes of their members (one gzipped JSON per
 architecture, S = 1, 2, 4), the facts the CI tests of the converter run on.
@@ -47,10 +48,11 @@ from timm_splitnet.models._authors_layouts import AUTHORS_ARCHS, AuthorsArch
 from timm_splitnet.models.splitnet import create_splitnet, splitnet_name
 
 _ALIAS = '_splitnet_authors_model'
-# pass: float64 logits within F64_TOL x the largest |logit|; our float32 error within F32_FACTOR x theirs (two float32
-# implementations that round differently, e.g. SiLU vs x * sigmoid(x), have errors of the same size, not equal ones)
+# pass: float64 logits within F64_TOL x the largest |logit|; our float32 error within F32_FACTOR x theirs. Where both
+# round the same way the float32 logits are equal; timm's SiLU rounds otherwise than their x * sigmoid(x), and the
+# largest errors of two such roundings differ by a factor (0.8 to 2.8 measured; equal with --swish-mul)
 F64_TOL = 1e-8
-F32_FACTOR = 2.
+F32_FACTOR = 4.
 # input size per dataset: the smallest that keeps every architecture's final map at least 2x2
 _IMG_SIZE = {'imagenet': 64, 'cifar': 32}
 
