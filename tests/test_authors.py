@@ -305,8 +305,9 @@ def test_export_then_timm_create_model_and_local_dir(release_zip, tmp_path):
         10, CIFAR10_MEAN, CIFAR10_STD)  # their CIFAR-10 normalisation, recorded in the file
     reference = create_splitnet('resnet110', 2, num_classes=10)
     load_authors_checkpoint(reference, str(release_zip))
+    loaded = model.state_dict()
     for k, v in reference.state_dict().items():
-        assert torch.equal(v, model.state_dict()[k]), k
+        assert torch.equal(v, loaded[k]), k
     local = timm.create_model(f'local-dir:{tmp_path / "out"}', pretrained=True)
     assert torch.equal(local.models[1].fc.weight, reference.models[1].fc.weight)
 
