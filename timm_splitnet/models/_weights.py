@@ -4,8 +4,7 @@
 'state_dict', 'state_dict_ema' or 'model', DDP's 'module.' prefixes dropped; or a bare state dict; the paper authors'
 release zips and checkpoints, converted by `authors.py`) and loads them into `model`. For a SplitNet, a state dict
 without `models.<i>.` keys whose keys and shapes fit one member (an undivided timm network of the member's width) is
-loaded into every member. Errors are ValueErrors that say which file
-holds what.
+loaded into every member. Errors are ValueErrors that say which file holds what.
 
 Hacked together by the timm-splitnet authors
 """
