@@ -72,6 +72,7 @@ from timm_splitnet.task import (
 from timm_splitnet.task.schedule import lr_warnings, resolve_warmup_lr, restore_scheduler_state
 from timm_splitnet.utils import prepare_batch
 from timm_splitnet.models._weights import is_training_checkpoint, load_weights
+from timm_splitnet.models.authors import checkpoint_build_kwargs
 from timm_splitnet.utils.preemption import (
     PREEMPTED_EXIT_CODE, PreemptionGuard, agree_all, format_duration, parse_duration, parse_signals)
 from timm_splitnet.utils.train_state import (
@@ -656,6 +657,10 @@ def _create_model(args, num_classes: int) -> nn.Module:
     if in_chans is not None:
         model_kwargs['in_chans'] = in_chans
     pretrained = args.pretrained and not args.pretrained_path  # a --pretrained-path file is loaded below
+    if args.initial_checkpoint:  # a converted or authors' checkpoint: the model settings its weights need
+        with as_cli_error():
+            model_kwargs = checkpoint_build_kwargs(args.initial_checkpoint, dict(model_kwargs, num_classes=num_classes))
+        num_classes = model_kwargs.pop('num_classes')
     try:
         model = create_model_checked(args.model, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
     except CliError as e:

@@ -45,6 +45,7 @@ import timm_splitnet  # noqa: F401  registers the splitnet_* models
 from timm_splitnet import SplitNet, count_params, load_safetensors
 from timm_splitnet.data import create_dataset
 from timm_splitnet.utils import prepare_batch
+from timm_splitnet.models.authors import checkpoint_build_kwargs, is_authors_checkpoint, load_authors_checkpoint
 from timm_splitnet.cli import (
     CliError, add_input_args, add_member_parallel_args, add_model_args, add_results_args, autocast_factory,
     check_compile_backend, check_num_samples, check_pretrained_classes, cli_session, create_model_checked,
@@ -256,7 +257,9 @@ def load_weights(model: nn.Module, checkpoint: str, use_ema: bool = False) -> No
     if not os.path.isfile(checkpoint):
         raise CliError(f'checkpoint file not found: {checkpoint}')
     try:
-        if checkpoint.endswith('.safetensors') and isinstance(model, SplitNet):
+        if is_authors_checkpoint(checkpoint):  # the paper authors' zip / .pth.tar: converted on the fly
+            _logger.info(f'--checkpoint: loaded {load_authors_checkpoint(model, checkpoint)}.')
+        elif checkpoint.endswith('.safetensors') and isinstance(model, SplitNet):
             if use_ema:
                 _logger.warning('--use-ema ignored: a .safetensors file holds one set of weights.')
             load_safetensors(model, checkpoint)
@@ -461,7 +464,8 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
     create_kwargs = dict(kwargs)
     weights_file = args.checkpoint or args.pretrained_path  # the weights evaluated (a checkpoint replaces pretrained)
     file_classes, recorded_data_config = None, None
-    if weights_file:  # the model gets the file's classifier, never a random one
+    # the model gets the file's classifier, never a random one (an authors' file: its converter checks the classes)
+    if weights_file and not is_authors_checkpoint(weights_file):
         shapes, recorded_data_config = peek_weights_checked(weights_file, args.use_ema)
         flag = '--checkpoint' if args.checkpoint else '--pretrained-path'
         file_classes = weights_classes(model_name, flag, weights_file, shapes, args.num_classes, bool(args.checkpoint))
@@ -475,6 +479,11 @@ def validate(args, model_name: Optional[str] = None, reliability_plot: str | Non
     elif args.pretrained and not args.checkpoint:
         check_pretrained_classes(model_name, args.num_classes)
     random_seed(args.seed)  # without weights to load: the same random model every run (and on every rank)
+    if args.checkpoint:  # a converted or authors' checkpoint: the model settings its weights need
+        try:
+            create_kwargs = checkpoint_build_kwargs(args.checkpoint, create_kwargs)
+        except ValueError as e:
+            raise CliError(f'--checkpoint: {e}') from e
     model = create_model_checked(model_name, pretrained=pretrained, **create_kwargs)
     if args.checkpoint:
         load_weights(model, args.checkpoint, args.use_ema)

@@ -104,7 +104,7 @@ def test_registry_lists_every_entrypoint():
     names = set(timm.list_models('splitnet_*'))
     expected = {f'splitnet_{a}_s{s}' for a in SPLIT_ARCHS for s in (1, 2, 4)}
     assert expected <= names
-    assert len(SPLIT_ARCHS) == 20
+    assert len(SPLIT_ARCHS) == 22
     # the tables' S (e.g. CIFAR ResNets 1, 2, 4, 8, 16) and 1 to 16 for the formula rules (e.g. WRN)
     assert timm.list_models('splitnet_resnet110_s*') == [f'splitnet_resnet110_s{s}' for s in (1, 2, 4, 8, 16)]
     assert set(timm.list_models('splitnet_wrn16_8_s*')) == {f'splitnet_wrn16_8_s{s}' for s in range(1, 17)}

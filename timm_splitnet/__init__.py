@@ -7,8 +7,8 @@
 """
 from .version import __version__
 from . import data
-from .models import SPLIT_ARCHS, SplitNet, create_model, create_splitnet, divide_weight_decay, member_kwargs, \
-    splitnet_name, supported_split_factors
+from .models import SPLIT_ARCHS, SplitNet, convert_authors_state_dict, create_model, create_splitnet, \
+    divide_weight_decay, member_kwargs, splitnet_name, supported_split_factors
 from .parallel import SPLIT_BACKENDS
 from .utils import count_macs, count_params, export_model, load_safetensors, save_safetensors
 from .loss import CoTrainingLoss, js_divergence

@@ -17,3 +17,7 @@ from .splitnet import (
     splitnet_cfg, splitnet_name,
 )
 from .splitnet_entrypoints import *
+from .authors import (
+    AuthorsCheckpoint, authors_build_kwargs, authors_model_name, convert_authors_state_dict,
+    export_authors_checkpoint, load_authors_checkpoint, read_authors_checkpoint,
+)

@@ -1,11 +1,11 @@
 """ Starting weights from a file: a SplitNet's own, a timm-written checkpoint, a raw state dict, or one member's
 
 `load_weights(model, path)` reads `.safetensors`, `.pth` / `.pth.tar` (timm's checkpoints: the weights under
-'state_dict', 'state_dict_ema' or 'model', DDP's 'module.' prefixes dropped; or a bare state dict) and loads them
-into `model`. For a SplitNet, a state dict without `models.<i>.` keys whose keys and shapes fit one member (an
-undivided timm network of the member's width) is loaded into every member. Errors are ValueErrors that say which file
-holds what. `peek_weights(path)` gives a file's tensor shapes and the data config a training run recorded in it,
-without reading the tensors.
+'state_dict', 'state_dict_ema' or 'model', DDP's 'module.' prefixes dropped; or a bare state dict; the paper authors'
+release zips and checkpoints, converted by `authors.py`) and loads them into `model`. For a SplitNet, a state dict
+without `models.<i>.` keys whose keys and shapes fit one member (an undivided timm network of the member's width) is
+loaded into every member. Errors are ValueErrors that say which file holds what. `peek_weights(path)` gives a file's
+tensor shapes and the data config a training run recorded in it, without reading the tensors.
 
 Hacked together by the timm-splitnet authors
 """
@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .authors import is_authors_checkpoint, load_authors_checkpoint
 from .splitnet import SplitNet
 
 __all__ = ['read_weights_file', 'peek_weights', 'is_training_checkpoint', 'load_weights']
@@ -170,6 +171,8 @@ def load_weights(
     Raises:
         ValueError: The file is unreadable, or its weights do not fit the model (the message says what it holds).
     """
+    if is_authors_checkpoint(path):  # the paper authors' release zip / .pth.tar, converted on the fly
+        return load_authors_checkpoint(model, path)
     state, where = read_weights_file(path, use_ema=use_ema)
     note = ''
     is_split = isinstance(model, SplitNet)

@@ -127,6 +127,13 @@ def _divide_imagenet_resnet(split_factor: int) -> MemberKwargs:
     return dict(stem_type='deep', stem_width=width, avg_down=True, channels=(width, 2 * width, 4 * width, 8 * width))
 
 
+def _divide_flat_stem_resnet(split_factor: int) -> MemberKwargs:
+    """ImageNet ResNet whose member model builds its own (flat) stem: stem and stage widths from
+    `IMAGENET_RESNET_STEM_WIDTH`."""
+    width = IMAGENET_RESNET_STEM_WIDTH[split_factor]
+    return dict(stem_width=width, channels=(width, 2 * width, 4 * width, 8 * width))
+
+
 def _divide_imagenet_wrn50(split_factor: int, widen_factor: int) -> MemberKwargs:
     """ImageNet WRN-50-k: S=2 divides the widen factor (eq. 11), S=4 halves the stem and stage widths."""
     width = WRN50_STEM_WIDTH[split_factor]
@@ -213,6 +220,15 @@ SPLIT_ARCHS: Dict[str, SplitArch] = {a.name: a for a in (
         divide=partial(_divide_resnext_cardinality, cardinality=64),
         split_factors=None, dataset='imagenet', drop_rate=0.2, first_conv='conv1.0',
         description='SE-ResNeXt-101 64x4d (64-64-64 stem)'),
+    SplitArch(
+        name='seresnext101_64x4d_b', member='seresnext101_64x4d_b_splitnet',
+        divide=partial(_divide_resnext_cardinality, cardinality=64),
+        split_factors=None, dataset='imagenet', drop_rate=0.2, first_conv='conv1.0',
+        description='SE-ResNeXt-101 64x4d (64-64-128 stem, the authors\' "_B")'),
+    SplitArch(
+        name='seresnet50', member='seresnet50_splitnet', divide=_divide_flat_stem_resnet,
+        split_factors=_IMAGENET_RESNET_SPLIT_FACTORS, dataset='imagenet', drop_rate=0.2, first_conv='conv1.0',
+        description='SE-ResNet-50 (the authors\' flat stem)'),
     SplitArch(
         name='efficientnet_b7', member='efficientnet_b7_splitnet', divide=_divide_efficientnet_channels,
         split_factors=_EFFICIENTNET_SPLIT_FACTORS, dataset='imagenet', drop_rate=0.5, first_conv=None,

@@ -29,7 +29,7 @@ from .division import SPLIT_ARCHS, divide_drop_rate, get_split_arch, member_kwar
 
 __all__ = [
     'SplitNet', 'create_splitnet', 'create_model', 'parse_splitnet_name', 'splitnet_cfg', 'splitnet_name',
-    'ensemble_training_message', 'ENSEMBLE_MODES', 'REGISTERED_SPLIT_FACTORS',
+    'ensemble_training_message', 'ENSEMBLE_MODES', 'REGISTERED_SPLIT_FACTORS', 'BUILD_ARGS_KEY', 'DATA_CFG_KEY',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ ENSEMBLE_MODES = ('mean', 'max')
 # the S whose `splitnet_<arch>_s<S>` entrypoints are written out in splitnet_entrypoints.py; every other S a division
 # rule defines is registered there too, by a loop
 REGISTERED_SPLIT_FACTORS = (1, 2, 4)
+# safetensors metadata keys (JSON dicts) of converted weights: the member kwargs they need (e.g. the authors' BN eps)
+# and the pretrained-cfg entries of the run that trained them (input size, normalisation)
+BUILD_ARGS_KEY = 'build_args'
+DATA_CFG_KEY = 'data_config'
 
 
 def ensemble_training_message(name: str) -> str:
@@ -497,10 +501,14 @@ def create_splitnet(arch: str, split_factor: int, pretrained: bool = False, **kw
         # exported weights know their head: build it unless the caller asks for another head (then timm adapts it)
         overlay.setdefault('num_classes', int(meta['num_classes']))
         kwargs.setdefault('num_classes', int(meta['num_classes']))
-    if meta.get('data_config'):
-        # and the input they were trained at (size, crop, mean / std), unless the caller's overlay says otherwise
-        for key, value in json.loads(meta['data_config']).items():
-            overlay.setdefault(key, tuple(value) if isinstance(value, list) else value)
+    for key, value in json.loads(meta.get(BUILD_ARGS_KEY) or '{}').items():
+        # settings without weights that the file's weights need (e.g. converted from the authors' code)
+        if key in kwargs and kwargs[key] != value:
+            raise ValueError(f'{overlay["file"]} needs {variant} built with {key}={value!r}, not {kwargs[key]!r}.')
+        kwargs[key] = value
+    # the input the weights were trained at (size, crop, mean / std), unless the caller's overlay says otherwise
+    for key, value in json.loads(meta.get(DATA_CFG_KEY) or '{}').items():
+        overlay.setdefault(key, tuple(value) if isinstance(value, list) else value)
     feature_cls = kwargs.get('feature_cls', 'getter')
     if kwargs.get('features_only') and feature_cls not in ('getter', FeatureGetterNet):
         raise ValueError(

@@ -35,6 +35,12 @@ default_cfgs = generate_default_cfgs({
     'splitnet_seresnext101_64x4d_s1': splitnet_cfg('seresnext101_64x4d', 1),
     'splitnet_seresnext101_64x4d_s2': splitnet_cfg('seresnext101_64x4d', 2),
     'splitnet_seresnext101_64x4d_s4': splitnet_cfg('seresnext101_64x4d', 4),
+    'splitnet_seresnext101_64x4d_b_s1': splitnet_cfg('seresnext101_64x4d_b', 1),
+    'splitnet_seresnext101_64x4d_b_s2': splitnet_cfg('seresnext101_64x4d_b', 2),
+    'splitnet_seresnext101_64x4d_b_s4': splitnet_cfg('seresnext101_64x4d_b', 4),
+    'splitnet_seresnet50_s1': splitnet_cfg('seresnet50', 1),
+    'splitnet_seresnet50_s2': splitnet_cfg('seresnet50', 2),
+    'splitnet_seresnet50_s4': splitnet_cfg('seresnet50', 4),
     'splitnet_efficientnet_b7_s1': splitnet_cfg('efficientnet_b7', 1),
     'splitnet_efficientnet_b7_s2': splitnet_cfg('efficientnet_b7', 2),
     'splitnet_efficientnet_b7_s4': splitnet_cfg('efficientnet_b7', 4),
@@ -190,6 +196,42 @@ def splitnet_seresnext101_64x4d_s2(pretrained: bool = False, **kwargs) -> SplitN
 def splitnet_seresnext101_64x4d_s4(pretrained: bool = False, **kwargs) -> SplitNet:
     """SplitNet SE-ResNeXt-101 64x4d (64-64-64 stem) divided into S=4 co-trained members."""
     return create_splitnet('seresnext101_64x4d', 4, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def splitnet_seresnext101_64x4d_b_s1(pretrained: bool = False, **kwargs) -> SplitNet:
+    """SplitNet SE-ResNeXt-101 64x4d (64-64-128 stem, the authors' "_B"), undivided (S=1)."""
+    return create_splitnet('seresnext101_64x4d_b', 1, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def splitnet_seresnext101_64x4d_b_s2(pretrained: bool = False, **kwargs) -> SplitNet:
+    """SplitNet SE-ResNeXt-101 64x4d (64-64-128 stem, the authors' "_B") divided into S=2 co-trained members."""
+    return create_splitnet('seresnext101_64x4d_b', 2, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def splitnet_seresnext101_64x4d_b_s4(pretrained: bool = False, **kwargs) -> SplitNet:
+    """SplitNet SE-ResNeXt-101 64x4d (64-64-128 stem, the authors' "_B") divided into S=4 co-trained members."""
+    return create_splitnet('seresnext101_64x4d_b', 4, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def splitnet_seresnet50_s1(pretrained: bool = False, **kwargs) -> SplitNet:
+    """SplitNet SE-ResNet-50 (the authors' flat stem), undivided (S=1)."""
+    return create_splitnet('seresnet50', 1, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def splitnet_seresnet50_s2(pretrained: bool = False, **kwargs) -> SplitNet:
+    """SplitNet SE-ResNet-50 (the authors' flat stem) divided into S=2 co-trained members."""
+    return create_splitnet('seresnet50', 2, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def splitnet_seresnet50_s4(pretrained: bool = False, **kwargs) -> SplitNet:
+    """SplitNet SE-ResNet-50 (the authors' flat stem) divided into S=4 co-trained members."""
+    return create_splitnet('seresnet50', 4, pretrained=pretrained, **kwargs)
 
 
 @register_model
