@@ -29,8 +29,6 @@ ratio to S=1), `infer_rounds`, `infer_round_steps`, `infer_noise` (round-to-roun
 median), `infer_clock` (what timed the steps: CUDA events, or on one CPU thread the process CPU time),
 `flop_bound_vs_s1` (S=1's GMACs over the row's), `split_mode`, `split_factor`, `split_backend`, `devices`,
 `world_size` (member-parallel rows) and `group` (the requested model a row belongs to).
-
-Hacked together by the timm-splitnet authors
 """
 import argparse
 import gc

@@ -25,8 +25,6 @@ calibration (`eval_nll`, `eval_brier`, `eval_ece`, `eval_member<i>_nll`, ...) an
 (`eval_disagreement`, `eval_pairwise_kl`); see the README's "Calibration and diversity".
 `model_best.pth.tar` is the epoch with the best ensemble top-1, `last.pth.tar` the latest epoch; at the end the best
 weights are exported as `model.safetensors` + `config.json` and the curves plotted to `curves.png`.
-
-Hacked together by the timm-splitnet authors
 """
 import argparse
 import importlib

@@ -21,8 +21,6 @@ the top-1 confidence) and the members' diversity (`disagreement`, `pairwise_kl`)
 
     torchrun --nproc_per_node=2 validate.py --data-dir /data/imagenet --model splitnet_resnet50_s2 \\
         --checkpoint model_best.pth.tar --member-parallel
-
-Hacked together by the timm-splitnet authors
 """
 import argparse
 import logging

@@ -21,8 +21,6 @@ Parts, in this order, each written to `--out` as soon as it finishes (a run cut 
 Outputs: `results.json` (every raw number), `BENCHMARKS.md`, `RESULTS.md`, `speed_ratio.png`, `accuracy_vs_s.png`,
 the logs of every step in `logs/`. Every step has a timeout derived from the remaining budget. Nothing is installed.
 `--smoke` runs the same code paths on the CPU at toy scale (tiny models, a few hundred images, one epoch).
-
-Hacked together by the timm-splitnet authors
 """
 import argparse
 import concurrent.futures

@@ -6,8 +6,6 @@ release zips and checkpoints, converted by `authors.py`) and loads them into `mo
 without `models.<i>.` keys whose keys and shapes fit one member (an undivided timm network of the member's width) is
 loaded into every member. Errors are ValueErrors that say which file holds what. `peek_weights(path)` gives a file's
 tensor shapes and the data config a training run recorded in it, without reading the tensors.
-
-Hacked together by the timm-splitnet authors
 """
 import json
 import os

@@ -2,8 +2,6 @@
 
 `SPLIT_ARCHS` maps every SplitNet architecture to the timm model of one member and the rule that divides it into S
 narrower members; `member_kwargs(arch, S)` gives one member's `timm.create_model` kwargs. See docs/models.md.
-
-Hacked together by the timm-splitnet authors
 """
 import math
 from dataclasses import dataclass

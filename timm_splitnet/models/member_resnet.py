@@ -7,8 +7,6 @@ authors' "_B" variant) and `seresnet50_splitnet` SE-ResNet-50 with the flat stem
 ceil mode) instead of timm's. See docs/models.md.
 
 Paper: `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
-
-Hacked together by the timm-splitnet authors
 """
 from functools import partial
 

@@ -6,8 +6,6 @@ timm's `VisionTransformerDistilled.set_distilled_training`). `create_splitnet(ar
 rule defines; the registered `splitnet_<arch>_s<S>` entrypoints are in `splitnet_entrypoints.py`. See docs/models.md.
 
 Paper: `SplitNet: Divide and Co-training` - https://arxiv.org/abs/2011.14660
-
-Hacked together by the timm-splitnet authors
 """
 import json
 import logging

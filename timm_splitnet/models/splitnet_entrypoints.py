@@ -5,8 +5,6 @@ Each entrypoint is `create_splitnet(arch, S)`; `default_cfgs` holds their pretra
 models' cfgs (the member modules must be imported first, as `timm_splitnet.models` does). The S = 1, 2, 4 entrypoints
 are written out below; the other S of each rule (its table's, or 1 to 16 for a formula) are registered by the loop at
 the end of the module, in the same form.
-
-Hacked together by the timm-splitnet authors
 """
 from timm.models import generate_default_cfgs, register_model
 

@@ -2,8 +2,6 @@
 
 The drivers own the process, device and data side of a run; the task (`CoTrainingTask`, `MemberParallelTask`) owns
 the step and the checkpoint side. See docs/member_parallel.md for the hook order in train.py.
-
-Hacked together by the timm-splitnet authors
 """
 import logging
 import os

@@ -1,7 +1,4 @@
-""" Co-training task of a member-parallel SplitNet: this rank's views in, the loss over all members' logits out
-
-Hacked together by the timm-splitnet authors
-"""
+""" Co-training task of a member-parallel SplitNet: this rank's views in, the loss over all members' logits out """
 from typing import Any, Callable, Dict, Optional
 
 import torch

@@ -3,8 +3,6 @@
 timm's schedulers are used as they are; this decides their inputs. A resumed run whose schedule settings changed
 (e.g. a larger --epochs) gets the schedule of its new settings, as timm's train.py builds it on --resume; one whose
 settings are unchanged continues the checkpoint's scheduler state exactly.
-
-Hacked together by the timm-splitnet authors
 """
 from typing import Any, Dict, List, Optional, Tuple
 

@@ -4,8 +4,6 @@ Several variants (e.g. an undivided network and its divisions) are timed in R ro
 runs K steps back to back, in an order that rotates from round to round. The ratio of two variants is taken per
 round and summarised by its median and interquartile range, so a machine whose speed drifts (other jobs, clocks,
 thermals) slows both sides of a ratio alike. Design notes: docs/benchmarks.md.
-
-Hacked together by the timm-splitnet authors
 """
 import math
 import statistics

@@ -3,8 +3,6 @@
 The paper reports "FLOPs" as multiply-adds (its counter halves 2 * MACs), so `count_macs` returns multiply-adds
 counted by PyTorch's public `torch.utils.flop_counter.FlopCounterMode` (convolutions and matrix products).
 Both functions work on models built on the meta device, so paper-size models are counted without memory.
-
-Hacked together by the timm-splitnet authors
 """
 from typing import Sequence
 

@@ -1,7 +1,4 @@
-""" Member-parallel collectives: failures named, batch checks, the autograd-aware gather of the member logits
-
-Hacked together by the timm-splitnet authors
-"""
+""" Member-parallel collectives: failures named, batch checks, the autograd-aware gather of the member logits """
 from contextlib import contextmanager
 from typing import Any, List, Optional, Sequence
 

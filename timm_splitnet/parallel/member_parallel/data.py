@@ -1,7 +1,4 @@
-""" Member-parallel data: per-member seeded views, the replica sampler and loader, mixup drawn alike on every rank
-
-Hacked together by the timm-splitnet authors
-"""
+""" Member-parallel data: per-member seeded views, the replica sampler and loader, mixup drawn alike on every rank """
 import random
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Sequence, Tuple, Union

@@ -1,7 +1,4 @@
-""" `MemberParallelSplitNet`: the members of a SplitNet that one rank owns, with the forward over all members
-
-Hacked together by the timm-splitnet authors
-"""
+""" `MemberParallelSplitNet`: the members of a SplitNet that one rank owns, with the forward over all members """
 import copy
 import logging
 from collections import OrderedDict

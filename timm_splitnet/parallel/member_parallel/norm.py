@@ -1,7 +1,4 @@
-""" Member-parallel BatchNorm (SyncBatchNorm, running statistics) and gradient clipping over all members
-
-Hacked together by the timm-splitnet authors
-"""
+""" Member-parallel BatchNorm (SyncBatchNorm, running statistics) and gradient clipping over all members """
 import math
 from typing import Optional
 

@@ -1,7 +1,4 @@
-""" Member-parallel layout: which members a rank owns, and the process groups between the ranks
-
-Hacked together by the timm-splitnet authors
-"""
+""" Member-parallel layout: which members a rank owns, and the process groups between the ranks """
 from datetime import timedelta
 from typing import Optional, Tuple, Union
 

@@ -1,7 +1,4 @@
-""" Process group setup from torchrun's environment, for member-parallel scripts
-
-Hacked together by the timm-splitnet authors
-"""
+""" Process group setup from torchrun's environment, for member-parallel scripts """
 import os
 from datetime import timedelta
 from typing import Optional, Tuple, Union

@@ -1,7 +1,4 @@
-""" Member-parallel checkpoints: the single-process SplitNet and optimizer state dicts, gathered and scattered
-
-Hacked together by the timm-splitnet authors
-"""
+""" Member-parallel checkpoints: the single-process SplitNet and optimizer state dicts, gathered and scattered """
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional
 
