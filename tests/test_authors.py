@@ -20,7 +20,9 @@ import pytest
 import torch
 
 import timm
+from timm.layers import Swish
 from timm_splitnet.models import SPLIT_ARCHS, create_splitnet, member_kwargs
+from timm_splitnet.models.splitnet import resolve_member_act_layer
 from timm_splitnet.models._authors_layouts import AUTHORS_ARCHS, map_member_keys
 from timm_splitnet.models._weights import load_weights
 from timm_splitnet.data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
@@ -104,8 +106,8 @@ def test_member_keys_map_one_to_one_with_equal_shapes(arch, layout, split_factor
     fixture = load_fixture(arch)
     spec = SPLIT_ARCHS[arch]
     with torch.device('meta'):
-        member = timm.create_model(spec.member, num_classes=fixture['num_classes'], **member_kwargs(arch, split_factor),
-                                   **authors_build_kwargs(arch, layout))
+        member = timm.create_model(spec.member, num_classes=fixture['num_classes'], **resolve_member_act_layer(
+            dict(member_kwargs(arch, split_factor), **authors_build_kwargs(arch, layout))))
     ours = {k: list(v.shape) for k, v in member.state_dict().items()}
     theirs = OrderedDict(expand(fixture['layouts'][layout][str(split_factor)]))
     mapping = map_member_keys(layout, theirs, ours, imagenet=fixture['dataset'] == 'imagenet')
@@ -254,7 +256,11 @@ def test_model_built_without_the_authors_settings_is_refused(tmp_path):
     model = create_splitnet('efficientnet_b0_cifar', 1)  # timm's BN eps 1e-5
     with pytest.raises(ValueError, match=r'not built the way.*eps.*bn_eps=0\.001'):
         load_authors_checkpoint(model, str(path))
-    model = create_splitnet('efficientnet_b0_cifar', 1, bn_eps=1e-3)
+    model = create_splitnet('efficientnet_b0_cifar', 1, bn_eps=1e-3)  # torch's fused SiLU
+    with pytest.raises(ValueError, match=r"has \('activation', 'SiLU'\).*need \('activation', 'Swish'\).*"
+                                         r"act_layer='swish_mul'"):
+        load_authors_checkpoint(model, str(path))
+    model = create_splitnet('efficientnet_b0_cifar', 1, bn_eps=1e-3, act_layer='swish_mul')
     assert 'converted to splitnet_efficientnet_b0_cifar_s1' in load_authors_checkpoint(model, str(path))
 
 
@@ -317,18 +323,21 @@ def test_export_records_build_settings(tmp_path):
     path = tmp_path / 'efficientnetb0_split2_cifar100_128_01.pth.tar'
     torch.save(ckpt, path)
     weights, meta = export_authors_checkpoint(str(path), str(tmp_path / 'out'))
-    assert json.loads(meta['build_args']) == {'bn_eps': 1e-3}
+    assert json.loads(meta['build_args']) == {'bn_eps': 1e-3, 'act_layer': 'swish_mul'}
     assert meta['authors_top1'] == '85.50'  # no release of that name: the checkpoint's own best_acc1
     model = timm.create_model('splitnet_efficientnet_b0_cifar_s2', pretrained=True,
                               pretrained_cfg_overlay=dict(file=weights))
     assert {m.eps for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {1e-3}
+    assert not any(isinstance(m, torch.nn.SiLU) for m in model.modules())
+    assert sum(isinstance(m, Swish) for m in model.modules()) > 0  # x * sigmoid(x), as the authors' code computes it
     with pytest.raises(ValueError, match=r'needs splitnet_efficientnet_b0_cifar_s2 built with bn_eps=0\.001'):
         timm.create_model('splitnet_efficientnet_b0_cifar_s2', pretrained=True, bn_eps=1e-5,
                           pretrained_cfg_overlay=dict(file=weights))
     c100 = {'mean': CIFAR100_MEAN, 'std': CIFAR100_STD}
-    assert checkpoint_build_kwargs(weights) == {'bn_eps': 1e-3, 'num_classes': 100, 'pretrained_cfg_overlay': c100}
+    build = {'bn_eps': 1e-3, 'act_layer': 'swish_mul'}
+    assert checkpoint_build_kwargs(weights) == dict(build, num_classes=100, pretrained_cfg_overlay=c100)
     assert checkpoint_build_kwargs(str(path), {'num_classes': 100, 'pretrained_cfg_overlay': {'mean': (0, 0, 0)}}) \
-        == {'bn_eps': 1e-3, 'num_classes': 100, 'pretrained_cfg_overlay': dict(c100, mean=(0, 0, 0))}
+        == dict(build, num_classes=100, pretrained_cfg_overlay=dict(c100, mean=(0, 0, 0)))
     with pytest.raises(ValueError, match='needs the model built with bn_eps=0.001'):
         checkpoint_build_kwargs(str(path), {'bn_eps': 1e-5})
 

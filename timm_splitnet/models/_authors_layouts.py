@@ -34,9 +34,10 @@ class AuthorsArch:
     build: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
-# BN eps of both of the authors' EfficientNet code bases; lukemelas' one also pads like TensorFlow ("SAME")
-_EFFICIENTNET_LIGHTNET = {'bn_eps': 1e-3}
-_EFFICIENTNET_LUKEMELAS = {'bn_eps': 1e-3, 'pad_type': 'same'}
+# BN eps and Swish (x * sigmoid(x), rounded as theirs) of both of the authors' EfficientNet code bases; lukemelas' one
+# also pads like TensorFlow ("SAME")
+_EFFICIENTNET_LIGHTNET = {'bn_eps': 1e-3, 'act_layer': 'swish_mul'}
+_EFFICIENTNET_LUKEMELAS = {'bn_eps': 1e-3, 'pad_type': 'same', 'act_layer': 'swish_mul'}
 
 AUTHORS_ARCHS: Dict[str, AuthorsArch] = {a.arch: a for a in (
     AuthorsArch('resnet50', 'resnet50', 'imagenet', ('resnet',)),

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 import timm
+from timm.layers import Swish
 
 from ..data.transforms import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from ..utils.checkpoint import atomic_save, weights_metadata
@@ -25,7 +26,7 @@ from ._authors_files import AuthorsCheckpoint, is_authors_checkpoint, read_autho
 from ._authors_layouts import AUTHORS_ARCHS, AUTHORS_NOT_COVERED, AuthorsArch, authors_arch_for, map_member_keys
 from ._authors_releases import find_release
 from .division import SPLIT_ARCHS, member_kwargs
-from .splitnet import BUILD_ARGS_KEY, DATA_CFG_KEY, SplitNet, create_splitnet, splitnet_name
+from .splitnet import BUILD_ARGS_KEY, DATA_CFG_KEY, SplitNet, create_splitnet, resolve_member_act_layer, splitnet_name
 
 __all__ = [
     'AuthorsCheckpoint', 'convert_authors_state_dict', 'read_authors_checkpoint', 'is_authors_checkpoint',
@@ -145,7 +146,8 @@ def authors_build_kwargs(arch: str, layout: Optional[str] = None) -> Dict[str, A
 
 
 def _build_signature(member: nn.Module) -> set:
-    """What the build settings change, whatever the depth: BN eps, type and padding of strided convs, max-pools."""
+    """What the build settings change, whatever the depth: BN eps, type and padding of strided convs, max-pools,
+    the Swish layer."""
     sig = set()
     for m in member.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -155,6 +157,8 @@ def _build_signature(member: nn.Module) -> set:
             sig.add(('strided conv', type(m).__name__, tuple(m.kernel_size), padding))
         elif isinstance(m, nn.MaxPool2d):
             sig.add(('max-pool padding, ceil_mode', m.padding, m.ceil_mode))
+        elif isinstance(m, (nn.SiLU, Swish)):
+            sig.add(('activation', type(m).__name__))
     return sig
 
 
@@ -163,8 +167,8 @@ def check_authors_build(model: nn.Module, build: Dict[str, Any]) -> None:
     arch, _ = _model_arch(model)
     with torch.device('meta'):
         reference = timm.create_model(
-            SPLIT_ARCHS[arch].member, num_classes=model.num_classes, **member_kwargs(arch, model.split_factor),
-            **build)
+            SPLIT_ARCHS[arch].member, num_classes=model.num_classes,
+            **resolve_member_act_layer(dict(member_kwargs(arch, model.split_factor), **build)))
     ours, ref = _build_signature(model.models[0]), _build_signature(reference)
     if ours != ref:
         settings = ', '.join(f'{k}={v!r}' for k, v in build.items()) or 'timm\'s default settings'

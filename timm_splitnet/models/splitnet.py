@@ -19,6 +19,7 @@ import torch.nn as nn
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Swish
 from timm.models import build_model_with_cfg
 from timm.models._features import FeatureGetterNet, FeatureInfo
 
@@ -29,6 +30,19 @@ __all__ = [
     'SplitNet', 'create_splitnet', 'create_model', 'parse_splitnet_name', 'splitnet_cfg', 'splitnet_name',
     'ensemble_training_message', 'ENSEMBLE_MODES', 'REGISTERED_SPLIT_FACTORS', 'BUILD_ARGS_KEY', 'DATA_CFG_KEY',
 ]
+
+# `act_layer` names of this package for the members, beside timm's: 'swish_mul' is x * sigmoid(x) as two ops (timm's
+# Swish), the way the authors' EfficientNet code computes it; timm's 'swish' / 'silu' is torch's fused SiLU, the same
+# function rounded otherwise in float32
+MEMBER_ACT_LAYERS = {'swish_mul': Swish}
+
+
+def resolve_member_act_layer(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """`kwargs` for a member's `timm.create_model`, an `act_layer` name of MEMBER_ACT_LAYERS replaced by its layer."""
+    act_layer = kwargs.get('act_layer')
+    if isinstance(act_layer, str) and act_layer in MEMBER_ACT_LAYERS:
+        kwargs = dict(kwargs, act_layer=MEMBER_ACT_LAYERS[act_layer])
+    return kwargs
 
 _logger = logging.getLogger(__name__)
 
@@ -100,6 +114,7 @@ class SplitNet(nn.Module):
         self.num_classes = num_classes
         self.grad_checkpointing = False
         member_args = dict(member_kwargs or {}, **kwargs)
+        member_args = resolve_member_act_layer(member_args)
         member_args['drop_rate'] = divide_drop_rate(drop_rate, split_factor)
         if drop_path_rate:
             member_args['drop_path_rate'] = divide_drop_rate(drop_path_rate, split_factor)
