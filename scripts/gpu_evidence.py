@@ -49,6 +49,8 @@ NUM_CPUS = os.cpu_count() or 1
 
 # share of the time left at a part's start that the part may use (later parts get what earlier ones leave)
 PART_WEIGHTS = OrderedDict(speed=0.30, data=0.05, accuracy=0.40, checks=0.15, ablations=0.10)
+# Table 5 at S=2: (run name, extra train.py flags)
+ABLATIONS = [('abl_s2_same_view', ['--same-view']), ('abl_s2_cot0', ['--cot-weight', '0'])]
 
 
 def full_plan(cpus: int) -> Dict[str, Any]:
@@ -65,6 +67,7 @@ def full_plan(cpus: int) -> Dict[str, Any]:
                  max_epochs=30, extra=[], train_images=50000, eval_images=10000),
         check_model=['--model', 'splitnet_wrn16_8_s2'], check_batch=32, check_workers=min(4, workers),
         mini=(20, 10), parallel_checks=4, min_step_s=20., min_part_s=45.,
+        ablations=[name for name, _ in ABLATIONS],
     )
 
 
@@ -79,6 +82,7 @@ def smoke_plan(cpus: int) -> Dict[str, Any]:
         check_model=['--model', 'splitnet_resnet110_s2', *tiny], check_batch=16, check_workers=0,
         mini=(10, 5), parallel_checks=2, min_step_s=8., min_part_s=12.,
         extract_per_class=(30, 10),
+        ablations=['abl_s2_same_view'],  # the code path once; the second ablation differs only in its flag
     )
 
 
@@ -443,7 +447,7 @@ def part_accuracy(ev: Evidence, plan: Dict[str, Any], part_s: float, data_root: 
 def part_ablations(ev: Evidence, plan: Dict[str, Any], part_s: float, data_root: Path, device: str) -> None:
     """Table 5 at S=2: the same view for both members; no co-training loss (lambda_cot = 0)."""
     choice = ev.results.get('accuracy_plan') or dict(epochs=1, views_on_device=False)
-    runs = [('abl_s2_same_view', ['--same-view']), ('abl_s2_cot0', ['--cot-weight', '0'])]
+    runs = [(name, extra) for name, extra in ABLATIONS if name in plan['ablations']]
     end = time.time() + part_s
     for i, (name, extra) in enumerate(runs):
         timeout = (end - time.time()) / (len(runs) - i)

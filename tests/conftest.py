@@ -46,8 +46,17 @@ def build_digits_folder(root: Path, train_per_class: int, val_per_class: int, im
     return root
 
 
+# the modules with the longest end-to-end runs (a minute or more each on 2 cores), heaviest first: collected first,
+# so that under `-n auto --dist loadscope` they start at once and the workers finish together
+HEAVY_MODULES = ('test_learning.py', 'test_gpu_evidence.py', 'test_train_member_parallel.py', 'test_preemption.py',
+                 'test_member_parallel_inference.py', 'test_member_parallel.py', 'test_streaming.py', 'test_train.py')
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cuda` skip on a machine without a CUDA GPU (`python -m pytest -m cuda` runs them on one)."""
+    """Heavy modules first (HEAVY_MODULES), otherwise the collection order; tests marked `cuda` skip on a machine
+    without a CUDA GPU (`python -m pytest -m cuda` runs them on one)."""
+    rank = {name: i for i, name in enumerate(HEAVY_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module is kept
     import torch
     if torch.cuda.is_available():
         return

@@ -4,8 +4,7 @@
 
 MODE 'check' runs every scenario and writes `OUT_DIR/rank<r>.json` (losses, max differences, flags) for the test
 to assert on; every scenario compares a member-parallel run with the single-process loop that each rank also runs
-on the same seed and the same (precomputed) views. MODE 'die' / 'stall' make rank 1 raise / hang in the middle of a
-training step (after its forward, before the logits gather).
+on the same seed and the same (precomputed) views.
 """
 import copy
 import json
@@ -329,39 +328,12 @@ def run_check(out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def run_failure(mode: str) -> None:
-    """Rank 1 raises (or hangs) in the middle of the third step, after its members' forward."""
-    plan, _ = init_member_parallel(2, device='cpu', timeout=5)
-    mp_model = MemberParallelSplitNet(make_model(2), plan)
-    task = MemberParallelTask(mp_model, criterion(), verbose=False)
-    opt = make_optimizer(mp_model)
-    forward_local = mp_model.forward_local
-    step = [0]
-
-    def failing_forward_local(x):
-        out = forward_local(x)
-        if plan.rank == 1 and step[0] == 2:
-            if mode == 'die':
-                raise RuntimeError('injected failure on rank 1')
-            time.sleep(600)  # stalls; the launcher ends it once rank 0 gave up
-        return out
-
-    mp_model.forward_local = failing_forward_local
-    for step[0] in range(4):
-        views, target = make_batch(2, step[0])
-        train_step(task, opt, *own_batch(views, target, plan.members))
-        print(f'rank {plan.rank}: step {step[0]} done', flush=True)
-    dist.destroy_process_group()
-
-
 @record
 def main() -> None:
     mode, out_dir = sys.argv[1], sys.argv[2]
     torch.set_num_threads(1)
     if mode == 'check':
         run_check(out_dir)
-    elif mode in ('die', 'stall'):
-        run_failure(mode)
     else:
         raise SystemExit(f'unknown mode {mode!r}')
 

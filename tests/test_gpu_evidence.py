@@ -49,6 +49,13 @@ def test_smoke_run_writes_every_output(tarball, tmp_path):
         assert row['member_top1'] == members and row['member_mean_top1'] == pytest.approx(sum(members) / len(members))
         line = next(line for line in results_md.splitlines() if line.startswith(f'| {row["name"]} '))
         assert f'| {row["ensemble_top1"]:.2f} |' in line and f'| {row["member_mean_top1"]:.2f} |' in line
+    # the smoke runs one Table 5 ablation (the full run both): its row comes from its own summary.csv too
+    assert [(r['name'], r['extra'], r['status']) for r in results['ablations']] == [
+        ('abl_s2_same_view', '--same-view', 'ok')]
+    ablation = results['ablations'][0]
+    with open(out / 'train' / 'abl_s2_same_view' / 'summary.csv', newline='') as f:
+        assert ablation['ensemble_top1'] == float(list(csv.DictReader(f))[-1]['eval_top1'])
+    assert any(line.startswith('| abl_s2_same_view --same-view | 2 |') for line in results_md.splitlines())
 
     # speed: the rows are benchmark.py's results (one process per group, every backend in the same paired rounds),
     # each with benchmark.py's ratio to the undivided network of its rounds (1 for the undivided rows themselves)

@@ -292,13 +292,22 @@ def test_sigterm_checkpoints_and_resume_auto_is_exact(image_folder, tmp_path, tr
 def test_sigterm_to_one_rank_under_torchrun_restarts_exactly(image_folder, tmp_path):
     """2 gloo processes (DDP) under torchrun --max-restarts 1: rank 1 alone gets SIGTERM mid-epoch; both ranks stop
     at the same step, checkpoint and exit 75; torchrun restarts them with the same command (--resume auto) and they
-    end with the weights of an uninterrupted 2-process run."""
+    end with the weights of an uninterrupted 2-process run (itself checked as DDP training of train.py)."""
     argv = ['--data-dir', image_folder, *TINY, '--epochs', '1', '--reprob', '0.5', '--mixup', '0.2', '--output',
             tmp_path, '--resume', 'auto']
     torchrun = ['--nproc_per_node=2', '--max-restarts=1']
     plain = _start(tmp_path / 'hooks-ref', *argv, '--experiment', 'ref', torchrun_args=torchrun)
     code, output = _finish(plain, tmp_path / 'hooks-ref')
     assert code == 0, output[-4000:]
+    # the uninterrupted run is DDP training end to end: both members evaluated, every rank's random streams in the
+    # checkpoint, the weights saved without DDP's 'module.' prefix and exported
+    assert '2 distributed training processes' in output and 'Final' in output
+    rows = _summary(tmp_path / 'ref')
+    assert len(rows) == 1 and float(rows[0]['train_loss_cot']) > 0
+    assert all(0 <= float(rows[0][k]) <= 100 for k in ('eval_top1', 'eval_member0_top1', 'eval_member1_top1'))
+    checkpoint = load_checkpoint_file(str(tmp_path / 'ref' / 'last.pth.tar'))
+    assert len(checkpoint['rng']) == 2 and not any(k.startswith('module.') for k in checkpoint['state_dict'])
+    assert (tmp_path / 'ref' / 'model.safetensors').is_file()
 
     hooks = tmp_path / 'hooks'
     proc = _start(hooks, *argv, '--experiment', 'run', pause_rank=1, pause_step=2, torchrun_args=torchrun)

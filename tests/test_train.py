@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL = 'splitnet_resnet110_s2'
 TINY = ['--model', MODEL, '--model-kwargs', 'layers=(1,1,1)', '-b', '32', '--workers', '0', '--device', 'cpu',
         '--log-interval', '100', '--lr', '0.05', '--warmup-epochs', '0', '--checkpoint-hist', '1']
-FULL = TINY[:2] + TINY[4:]  # the registered model as it is
+TINY_KWARGS = dict(layers=(1, 1, 1))  # TINY's --model-kwargs
 # augmentation that draws from every random stream: RandAugment 'inc1' (python random), per-view random erasing
 # (torch), mixup + cutmix (numpy)
 AUGMENT = ['--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.5', '--remode', 'const', '--mixup', '0.2', '--cutmix', '1.0',
@@ -59,8 +59,9 @@ def _error(*argv) -> str:
 
 @pytest.fixture(scope='module')
 def trained_run(image_folder, tmp_path_factory):
-    """A 2-epoch run of the full splitnet_resnet110_s2 with multi-view augmentation and mixup (prefetcher on), and
-    what the co-training loss got in every training step: (epoch, member logits, targets, co-training weight)."""
+    """A 2-epoch run of splitnet_resnet110_s2 at one block per stage with multi-view augmentation and mixup (prefetcher
+    on), and what the co-training loss got in every training step: (epoch, member logits, targets, co-training
+    weight). The full-depth network trains in the README's main job (tests/test_learning.py)."""
     from timm_splitnet.loss import CoTrainingLoss
     out = tmp_path_factory.mktemp('train')
     steps = []
@@ -74,7 +75,7 @@ def trained_run(image_folder, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(CoTrainingLoss, 'forward', spy_forward)
-        _run('--data-dir', image_folder, *FULL, *AUGMENT, '--epochs', 2, '--output', out, '--experiment', 'full')
+        _run('--data-dir', image_folder, *TINY, *AUGMENT, '--epochs', 2, '--output', out, '--experiment', 'full')
     return out / 'full', steps
 
 
@@ -130,7 +131,7 @@ def test_end_to_end(trained_run, capsys):
     # weight decay on conv / linear weights only (BN and biases not), undivided by default
     groups = torch.load(trained / 'last.pth.tar', map_location='cpu', weights_only=True)['optimizer']['param_groups']
     decays = {g['weight_decay']: len(g['params']) for g in groups}
-    model = timm.create_model(MODEL, num_classes=10)
+    model = timm.create_model(MODEL, num_classes=10, **TINY_KWARGS)
     params = list(model.parameters())
     assert decays == {0.: sum(p.ndim <= 1 for p in params), 1e-4: sum(p.ndim > 1 for p in params)}
     for name in ('last.pth.tar', 'model_best.pth.tar', 'model.safetensors', 'config.json', 'args.yaml', 'curves.png'):
@@ -140,10 +141,10 @@ def test_end_to_end(trained_run, capsys):
 
 def test_export_reloads_through_timm(trained):
     checkpoint = torch.load(trained / 'model_best.pth.tar', map_location='cpu', weights_only=True)
-    reference = timm.create_model(MODEL, num_classes=10)
+    reference = timm.create_model(MODEL, num_classes=10, **TINY_KWARGS)
     reference.load_state_dict(checkpoint['state_dict'])
     weights = str(trained / 'model.safetensors')
-    model = timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=weights))
+    model = timm.create_model(MODEL, pretrained=True, pretrained_cfg_overlay=dict(file=weights), **TINY_KWARGS)
     assert model.num_classes == 10
     reference.eval()
     model.eval()
@@ -154,9 +155,12 @@ def test_export_reloads_through_timm(trained):
     assert members.shape == (2, 4, 10)
 
 
-def test_resume_continues_exactly(trained, image_folder, tmp_path):
+def test_resume_continues_exactly(image_folder, tmp_path):
     """Stop after epoch 0, resume: epoch 1 and the final weights equal the uninterrupted run's."""
-    common = ['--data-dir', image_folder, *FULL, *AUGMENT, '--epochs', 2, '--output', tmp_path, '--experiment', 'part']
+    common = ['--data-dir', image_folder, *TINY, *AUGMENT, '--epochs', 2, '--output', tmp_path]
+    _run(*common, '--experiment', 'full')
+    trained = tmp_path / 'full'
+    common += ['--experiment', 'part']
     _run(*common, '--stop-epoch', 0)
     part = tmp_path / 'part'
     assert [r['epoch'] for r in _summary(part)] == ['0']
