@@ -46,8 +46,8 @@ def build_digits_folder(root: Path, train_per_class: int, val_per_class: int, im
     return root
 
 
-# the modules with the longest end-to-end runs (a minute or more each on 2 cores), heaviest first: collected first,
-# so that under `-n auto --dist loadscope` they start at once and the workers finish together
+# the modules with the longest end-to-end runs, heaviest first: collected first, so that under `-n auto --dist
+# loadscope --no-loadscope-reorder` they start at once and the workers finish together
 HEAVY_MODULES = ('test_learning.py', 'test_gpu_evidence.py', 'test_train_member_parallel.py', 'test_preemption.py',
                  'test_member_parallel_inference.py', 'test_member_parallel.py', 'test_streaming.py', 'test_train.py')
 

@@ -34,6 +34,8 @@ PACKED_FAMILIES = {
                              block_args=dict(attn_layer='se'))),
     'test_efficientnet': ('test_efficientnet', 2, {}),
     'efficientnet_tf_same_padding': ('test_efficientnet', 2, dict(pad_type='same')),
+    # the build settings of the authors' converted EfficientNets: BN eps 1e-3, x * sigmoid(x) as timm's Swish layer
+    'efficientnet_authors_build': ('test_efficientnet', 2, dict(pad_type='same', bn_eps=1e-3, act_layer='swish_mul')),
     'resnet110_cifar': ('resnet110_cifar', 2, dict(stem_width=4)),
     'wrn16_8_cifar': ('wrn16_8_cifar', 4, dict(widen_factor=1)),
     'seresnet110_cifar': ('seresnet110_cifar', 2, dict(stem_width=4)),

@@ -29,6 +29,7 @@ from .division import SPLIT_ARCHS, divide_drop_rate, get_split_arch, member_kwar
 __all__ = [
     'SplitNet', 'create_splitnet', 'create_model', 'parse_splitnet_name', 'splitnet_cfg', 'splitnet_name',
     'ensemble_training_message', 'ENSEMBLE_MODES', 'REGISTERED_SPLIT_FACTORS', 'BUILD_ARGS_KEY', 'DATA_CFG_KEY',
+    'MEMBER_ACT_LAYERS', 'resolve_member_act_layer',
 ]
 
 # `act_layer` names of this package for the members, beside timm's: 'swish_mul' is x * sigmoid(x) as two ops (timm's
@@ -43,6 +44,7 @@ def resolve_member_act_layer(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     if isinstance(act_layer, str) and act_layer in MEMBER_ACT_LAYERS:
         kwargs = dict(kwargs, act_layer=MEMBER_ACT_LAYERS[act_layer])
     return kwargs
+
 
 _logger = logging.getLogger(__name__)
 
@@ -113,8 +115,7 @@ class SplitNet(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.grad_checkpointing = False
-        member_args = dict(member_kwargs or {}, **kwargs)
-        member_args = resolve_member_act_layer(member_args)
+        member_args = resolve_member_act_layer(dict(member_kwargs or {}, **kwargs))
         member_args['drop_rate'] = divide_drop_rate(drop_rate, split_factor)
         if drop_path_rate:
             member_args['drop_path_rate'] = divide_drop_rate(drop_path_rate, split_factor)
