@@ -14,6 +14,7 @@ The runs use the tiny `splitnet_resnet110_s2 --model-kwargs layers=(1,1,1)` on t
   stops in bounded time naming the rank; `tests/train_fault.py` injects the fault).
 """
 import csv
+import json
 import importlib.util
 import os
 import re
@@ -243,6 +244,12 @@ def test_member_parallel_run(mp_run):
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    # config.json records the model kwargs and the input size, so `local-dir:` rebuilds the trained network alone
+    config = json.loads((folder / 'config.json').read_text())
+    assert config['model_args'] == {'num_classes': 10, 'layers': [1, 1, 1]}
+    local = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(local(x), reference(x), rtol=0, atol=0)
 
 
 @pytest.mark.slow
