@@ -274,8 +274,9 @@ def test_safetensors_round_trip_through_create_model(tmp_path):
     assert m2.num_classes == 10
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(m(x), m2(x))
+    loaded = m2.state_dict()
     for k, v in m.state_dict().items():
-        assert torch.equal(v, m2.state_dict()[k])
+        assert torch.equal(v, loaded[k]), k
 
 
 def test_wrong_weights_raise_naming_both_sides(tmp_path):
